@@ -1,0 +1,22 @@
+"""Structured weight layers behind one interface (SPEC §2-§4).
+
+    from_dense(kind, weight, bias=None, budget=1.0, **options)   project a dense (out, in) weight
+    build(kind, in_features, out_features, budget, bias, **options)  random init, from scratch
+    to_inference(gblr_layer, mode="auto")                         a trained GBLR layer, without W
+
+Kinds: dense, lowrank, monarch, gblr. A fifth is one file with a ``@register("name")`` class.
+"""
+from .base import LAYERS, StructuredLinear, build, check_budget, from_dense, relative_error
+from .dense import DenseLinear
+from .gaudi import boxcar, dirichlet_mask, gaudi_mask, hard_locations, hard_widths
+from .gblr import GBLRLinear, fit_to_dense
+from .inference import GBLRInference, to_inference
+from .lowrank import LowRankLinear, lowrank_rank, svd_split
+from .monarch import MonarchLinear, monarch_macs, monarch_nblocks, project_to_monarch
+
+__all__ = [
+    "LAYERS", "StructuredLinear", "build", "check_budget", "from_dense", "relative_error", "DenseLinear",
+    "boxcar", "dirichlet_mask", "gaudi_mask", "hard_locations", "hard_widths", "GBLRLinear", "fit_to_dense",
+    "GBLRInference", "to_inference", "LowRankLinear", "lowrank_rank", "svd_split", "MonarchLinear",
+    "monarch_macs", "monarch_nblocks", "project_to_monarch",
+]

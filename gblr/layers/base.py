@@ -1,0 +1,122 @@
+"""One interface for every weight type, a registry, and the checks every constructor shares."""
+import math
+from numbers import Real
+
+import torch
+from torch import nn
+
+LAYERS: dict[str, type["StructuredLinear"]] = {}
+
+
+def register(kind: str):
+    """Class decorator: make a weight type reachable as ``from_dense(kind, ...)`` / ``build(kind, ...)``."""
+
+    def add(cls):
+        cls.kind = kind
+        LAYERS[kind] = cls
+        return cls
+
+    return add
+
+
+def check_budget(budget) -> float:
+    """``budget`` as a float in (0, 1], or a ValueError naming the value and the allowed range."""
+    if isinstance(budget, bool) or not isinstance(budget, Real) or not math.isfinite(budget) or not 0 < budget <= 1:
+        raise ValueError(f"budget must be a number in (0, 1] (target MACs / dense MACs of a layer), got {budget!r}")
+    return float(budget)
+
+
+def layer_class(kind: str) -> type["StructuredLinear"]:
+    if kind not in LAYERS:
+        raise ValueError(f"unknown weight kind {kind!r}; choose one of {sorted(LAYERS)}")
+    return LAYERS[kind]
+
+
+def relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
+    """Relative Frobenius error ||approx - weight||_F / ||weight||_F (0 for a zero weight)."""
+    norm = weight.double().norm()
+    return float((approx.double() - weight.double()).norm() / norm) if norm > 0 else 0.0
+
+
+class StructuredLinear(nn.Module):
+    """y = W x + b for a structured (out_features, in_features) matrix W.
+
+    Subclasses hold the factors and implement ``apply_weight`` (x (..., in) -> (..., out), no
+    bias), ``macs_per_token`` and, as class methods, ``from_dense`` and ``build``.
+    ``projection_error`` is the relative Frobenius error of the projection of the dense weight
+    the layer was made from (None for a randomly initialized layer).
+    """
+
+    kind = "?"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool | torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if isinstance(bias, torch.Tensor):
+            self.bias = nn.Parameter(bias.detach().clone())
+        elif bias:
+            bound = 1.0 / math.sqrt(in_features)
+            self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self.projection_error: float | None = None
+
+    def apply_weight(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.apply_weight(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def macs_per_token(self) -> int:
+        """Exact multiply-accumulates of one token through the current (hard) structure."""
+        raise NotImplementedError
+
+    def dense_macs_per_token(self) -> int:
+        return self.in_features * self.out_features
+
+    @torch.no_grad()
+    def to_dense(self) -> torch.Tensor:
+        """The (out, in) matrix this layer applies (bias excluded)."""
+        p = next(self.parameters())
+        eye = torch.eye(self.in_features, device=p.device, dtype=p.dtype)
+        return self.apply_weight(eye).T.contiguous()
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, macs_per_token={self.macs_per_token()}"
+                f" ({self.macs_per_token() / self.dense_macs_per_token():.3f} of dense)")
+
+
+def check_dense(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """ValueError unless ``weight`` is (out, in) and ``bias`` is None or (out,)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D (out, in) tensor like nn.Linear.weight, got {shape}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(bias.shape)}")
+
+
+def from_dense(kind: str, weight: torch.Tensor, bias: torch.Tensor | None = None, budget: float = 1.0,
+               **options) -> StructuredLinear:
+    """Project a dense (out, in) weight (and optional (out,) bias) onto weight type ``kind``.
+
+    ``budget`` in (0, 1] is the layer's target MACs over its dense MACs (in * out). Structure
+    options that fix the size explicitly (``rank``, ``nblocks``, ``rank_ratio``) override it.
+    """
+    cls = layer_class(kind)
+    budget = check_budget(budget)
+    check_dense(weight, bias)
+    with torch.no_grad():
+        return cls.from_dense(weight.detach(), None if bias is None else bias.detach(), budget, **options)
+
+
+def build(kind: str, in_features: int, out_features: int, budget: float = 1.0, bias: bool = True,
+          **options) -> StructuredLinear:
+    """A randomly initialized layer of weight type ``kind`` (for training from scratch)."""
+    cls = layer_class(kind)
+    budget = check_budget(budget)
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return cls.build(in_features, out_features, budget, bias, **options)

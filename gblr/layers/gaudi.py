@@ -1,0 +1,76 @@
+"""The Gaussian-Dirichlet (Gaudi) mask of Gaudi-GBLR (Lee & Kim, ICLR 2024, Sec. 3.2; SPEC §2).
+
+A mask of length n selects a cyclic interval: ``m[t] = 1 if (t - L) mod n < W else 0`` for a width W
+and a location L in elements. A boxcar has no gradient in W or L, so the paper writes it in the DFT
+domain, where both sit inside a Dirichlet kernel, optionally damped by a Gaussian.
+"""
+import math
+
+import torch
+
+
+def hard_widths(widths: torch.Tensor, n: int) -> torch.Tensor:
+    """Whole-element widths ``clamp(round(w n), 0, n)`` (int64) of normalized widths ``w``.
+
+    This is the one rounding rule: the mask's forward pass and every MAC count use it.
+    """
+    return torch.round(widths.detach().double() * n).clamp(0, n).long()
+
+
+def hard_locations(locations: torch.Tensor, n: int) -> torch.Tensor:
+    """Whole-element locations ``round(l n) mod n`` (int64) of normalized locations ``l``."""
+    return torch.remainder(torch.round(locations.detach().double() * n), n).long()
+
+
+def boxcar(widths: torch.Tensor, locations: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., n) float32 cyclic boxcars of the rounded widths and locations, by direct indexing."""
+    W = hard_widths(widths, n).unsqueeze(-1)
+    L = hard_locations(locations, n).unsqueeze(-1)
+    t = torch.arange(n, device=W.device)
+    return (torch.remainder(t - L, n) < W).float()
+
+
+def dirichlet_mask(w: torch.Tensor, l: torch.Tensor, n: int, sigma: float | None = None) -> torch.Tensor:
+    """The closed form of SPEC §2 at continuous (w, l), in the dtype of ``w``; (...) -> (..., n).
+
+        M[k] = n w sinc(k w) / sinc(k / n) exp(-j pi k (2 l + w - 1/n)) G[k],   k = 0..n//2
+        G[k] = exp(-k^2 / (2 sigma^2))  (1 when sigma is None),                mask = irfft(M, n)
+
+    For integer W = w n and L = l n and no Gaussian this is the cyclic boxcar (the DFT of a boxcar
+    is a phase-shifted Dirichlet kernel); for other w it rings. Its derivative in w is a
+    band-limited impulse at the end edge, non-zero at w = 0, so a pruned interval can regrow.
+    """
+    k = torch.arange(n // 2 + 1, device=w.device, dtype=w.dtype)
+    w, l = w.unsqueeze(-1), l.unsqueeze(-1)
+    amplitude = n * w * torch.sinc(k * w) / torch.sinc(k / n)
+    if sigma is not None:
+        amplitude = amplitude * torch.exp(-k.square() / (2.0 * sigma**2))
+    phase = math.pi * k * (2.0 * l + w - 1.0 / n)
+    spectrum = torch.complex(amplitude * torch.cos(phase), -amplitude * torch.sin(phase))
+    return torch.fft.irfft(spectrum, n=n, dim=-1)
+
+
+def gaudi_mask(widths: torch.Tensor, locations: torch.Tensor, n: int, sigma: float | None = None) -> torch.Tensor:
+    """Gaudi masks of length ``n`` for normalized widths and locations.
+
+    Args:
+        widths: (...) normalized widths w = W / n, in [0, 1] (clamped).
+        locations: (...) normalized locations l = L / n (wrapped modulo 1).
+        n: mask length in elements.
+        sigma: std of the Gaussian in DFT bins, or None for no Gaussian.
+
+    Returns:
+        (..., n) float32 masks. The forward pass sees W and L rounded to whole elements; the
+        gradient is that of ``dirichlet_mask`` at the rounded point (straight-through). With
+        ``sigma=None`` the value is the cyclic boxcar itself, which the closed form equals there
+        (tested in float64); taking it directly spares float32 round-off at large n.
+    """
+    widths, locations = torch.broadcast_tensors(widths.float(), locations.float())
+    w_hard = hard_widths(widths, n).float() / n
+    l_hard = hard_locations(locations, n).float() / n
+    w = widths + (w_hard - widths).detach()
+    l = locations + (l_hard - locations).detach()
+    soft = dirichlet_mask(w, l, n, sigma)
+    if sigma is not None:
+        return soft
+    return boxcar(w_hard, l_hard, n) + (soft - soft.detach())

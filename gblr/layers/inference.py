@@ -1,0 +1,181 @@
+"""Inference form of a trained GBLR layer: apply W without materializing it (SPEC §3).
+
+After training the masks are hard: component k reads the cyclic input interval
+[L_in_k, L_in_k + b_k) and writes the output interval [L_out_k, L_out_k + a_k). Three ways to
+apply the same matrix, chosen per layer by measurement (``mode="auto"``):
+
+- ``blocks``: components sorted by interval start and grouped greedily while the group's covering
+  interval wastes at most ``slack`` times the members' own widths; each group is one small dense
+  GEMM on a slice of x (step 1, z = V x) or into a slice of y (step 2, y = U z). Wrap-around
+  intervals read a copy of x extended by its head, and write into y extended by a tail that is
+  folded back. Its cost follows ``macs_per_token()`` up to the padding of the groups.
+- ``lowrank``: the active components' masked factors as two thin GEMMs (K_active r (in + out)).
+- ``dense``: the hard W itself (in * out).
+"""
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import StructuredLinear
+from .gaudi import boxcar, hard_locations
+from .gblr import GBLRLinear
+
+MODES = ("blocks", "lowrank", "dense")
+
+
+def group_intervals(starts: list[int], lengths: list[int], slack: float) -> list[tuple[list[int], int, int]]:
+    """Greedy grouping of intervals [start, start + length) sorted by start.
+
+    Returns (member indices, lo, hi) per group, where [lo, hi) covers its members and
+    (hi - lo) * members <= slack * (sum of member lengths) unless the group has one member.
+    """
+    groups: list[tuple[list[int], int, int]] = []
+    members, lo, hi, total = [], 0, 0, 0
+    for k in sorted(range(len(starts)), key=lambda k: starts[k]):
+        start, end = starts[k], starts[k] + lengths[k]
+        if members and (max(hi, end) - lo) * (len(members) + 1) <= slack * (total + lengths[k]):
+            members.append(k)
+            hi, total = max(hi, end), total + lengths[k]
+            continue
+        if members:
+            groups.append((members, lo, hi))
+        members, lo, hi, total = [k], start, end, lengths[k]
+    if members:
+        groups.append((members, lo, hi))
+    return groups
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor.contiguous(), requires_grad=False)
+
+
+class GBLRInference(StructuredLinear):
+    """The matrix of a GBLR layer's hard structure (sigma ignored), applied in ``mode`` (see module doc)."""
+
+    kind = "gblr"
+
+    def __init__(self, layer: GBLRLinear, mode: str = "blocks", slack: float = 1.5):
+        if mode not in MODES:
+            raise ValueError(f"inference mode must be one of {MODES} or 'auto', got {mode!r}")
+        super().__init__(layer.in_features, layer.out_features, layer.bias)
+        self.mode, self.projection_error = mode, layer.projection_error
+        self._macs = layer.macs_per_token()
+        n_in, n_out, r = self.in_features, self.out_features, layer.rank
+        a, b = layer.hard_structure()
+        active = ((a > 0) & (b > 0)).nonzero().flatten()
+        with torch.no_grad():
+            m_out = boxcar(layer.widths[0], layer.locations[0], n_out).to(layer.U.dtype)
+            m_in = boxcar(layer.widths[1], layer.locations[1], n_in).to(layer.V.dtype)
+            U = (layer.U * m_out[:, :, None])[active]  # (Ka, out, r)
+            V = (layer.V * m_in[:, None, :])[active]  # (Ka, r, in)
+        self.weights = nn.ParameterList()
+        self.in_slices, self.out_slices, self.zperm = [], [], None
+        self.in_extra = self.out_extra = 0
+        if mode == "dense":
+            self.weights.append(_frozen(torch.einsum("kor,kri->oi", U, V)))
+        elif mode == "lowrank":
+            self.weights.append(_frozen(V.reshape(-1, n_in)))
+            self.weights.append(_frozen(U.permute(1, 0, 2).reshape(n_out, -1)))
+        else:
+            self._build_blocks(U, V, a[active].tolist(), b[active].tolist(),
+                               hard_locations(layer.locations[0], n_out)[active].tolist(),
+                               hard_locations(layer.locations[1], n_in)[active].tolist(), slack)
+
+    def _build_blocks(self, U, V, a, b, loc_out, loc_in, slack):
+        n_in, n_out, r = self.in_features, self.out_features, U.shape[2]
+        in_groups = group_intervals(loc_in, b, slack)
+        z_position = {}
+        for members, lo, hi in in_groups:
+            block = V.new_zeros(len(members), r, hi - lo)
+            for m, k in enumerate(members):
+                idx = torch.arange(loc_in[k], loc_in[k] + b[k]) % n_in
+                block[m, :, loc_in[k] - lo: loc_in[k] - lo + b[k]] = V[k][:, idx]
+                z_position[k] = len(z_position)
+            self.weights.append(_frozen(block.reshape(len(members) * r, hi - lo)))
+            self.in_slices.append((lo, hi))
+            self.in_extra = max(self.in_extra, hi - n_in)
+        out_groups = group_intervals(loc_out, a, slack)
+        order = [z_position[k] * r + j for members, _, _ in out_groups for k in members for j in range(r)]
+        if order != list(range(len(order))):
+            self.zperm = torch.tensor(order)
+        for members, lo, hi in out_groups:
+            block = U.new_zeros(hi - lo, len(members), r)
+            for m, k in enumerate(members):
+                idx = torch.arange(loc_out[k], loc_out[k] + a[k]) % n_out
+                block[loc_out[k] - lo: loc_out[k] - lo + a[k], m, :] = U[k][idx, :]
+            self.weights.append(_frozen(block.reshape(hi - lo, len(members) * r)))
+            self.out_slices.append((lo, hi))
+            self.out_extra = max(self.out_extra, hi - n_out)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.zperm is not None:
+            self.zperm = fn(self.zperm)  # keep the index on the weights' device
+        return self
+
+    def apply_weight(self, x):
+        lead, n_in, n_out = x.shape[:-1], self.in_features, self.out_features
+        x = x.reshape(-1, n_in)
+        if self.mode == "dense":
+            y = F.linear(x, self.weights[0])
+        elif self.mode == "lowrank":
+            y = F.linear(F.linear(x, self.weights[0]), self.weights[1])
+        elif not self.in_slices:
+            y = x.new_zeros(x.shape[0], n_out)
+        else:
+            if self.in_extra > 0:
+                x = torch.cat([x, x[:, : self.in_extra]], dim=1)
+            nin = len(self.in_slices)
+            z = torch.cat([F.linear(x[:, lo:hi], w) for (lo, hi), w in zip(self.in_slices, self.weights[:nin])], 1)
+            if self.zperm is not None:
+                z = z.index_select(1, self.zperm)
+            y = z.new_zeros(z.shape[0], n_out + max(self.out_extra, 0))
+            column = 0
+            for (lo, hi), w in zip(self.out_slices, self.weights[nin:]):
+                y[:, lo:hi] += F.linear(z[:, column: column + w.shape[1]], w)
+                column += w.shape[1]
+            if self.out_extra > 0:
+                y[:, : self.out_extra] += y[:, n_out:]
+                y = y[:, :n_out]
+        return y.reshape(*lead, n_out)
+
+    def macs_per_token(self) -> int:
+        """MACs of the GBLR structure it applies (SPEC §3), as counted by the trained layer."""
+        return self._macs
+
+    def executed_macs_per_token(self) -> int:
+        """MACs its GEMMs actually run, padding of the groups included."""
+        return sum(w.numel() for w in self.weights)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mode={self.mode}, executed_macs={self.executed_macs_per_token()}"
+
+
+@torch.no_grad()
+def to_inference(layer: GBLRLinear, mode: str = "auto", tokens: int = 4096, slack: float = 1.5,
+                 repeats: int = 3) -> GBLRInference:
+    """Convert a trained GBLR layer; ``mode="auto"`` times each mode on ``tokens`` random tokens
+    and keeps the fastest (its timings in seconds are kept in ``.timings``)."""
+    if mode != "auto":
+        return GBLRInference(layer, mode, slack)
+    p = layer.U
+    x = torch.randn(tokens, layer.in_features, device=p.device, dtype=p.dtype)
+    timings, candidates = {}, {}
+    for candidate in MODES:
+        module = candidates[candidate] = GBLRInference(layer, candidate, slack)
+        module(x)  # warm-up
+        samples = []
+        for _ in range(repeats):
+            if p.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            module(x)
+            if p.is_cuda:
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+        timings[candidate] = sorted(samples)[len(samples) // 2]
+    best = candidates[min(timings, key=timings.get)]
+    best.timings = timings
+    return best

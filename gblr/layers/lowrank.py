@@ -1,0 +1,76 @@
+"""Low-rank weight W = U V^T, initialized by truncated SVD (Eckart-Young optimal)."""
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import StructuredLinear, register, relative_error
+
+
+def svd_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors of an (m, n) matrix: (U sqrt(S) (m, r), sqrt(S) V^T (r, n)).
+
+    Computed in float64, returned in the weight's dtype; the split of S is balanced so that both
+    factors have the same scale (SPEC §4).
+    """
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
+
+
+def lowrank_rank(in_features: int, out_features: int, budget: float) -> int:
+    """Largest rank whose cost r (in + out) is within ``budget * in * out`` MACs."""
+    return min(math.floor(budget * in_features * out_features / (in_features + out_features)),
+               in_features, out_features)
+
+
+@register("lowrank")
+class LowRankLinear(StructuredLinear):
+    """y = U (V x) + b with U (out, r) and V (r, in): r (in + out) MACs per token."""
+
+    def __init__(self, U: torch.Tensor, V: torch.Tensor, bias):
+        super().__init__(V.shape[1], U.shape[0], bias)
+        self.U, self.V = nn.Parameter(U), nn.Parameter(V)
+
+    @property
+    def rank(self) -> int:
+        return self.V.shape[0]
+
+    def apply_weight(self, x):
+        return F.linear(F.linear(x, self.V), self.U)
+
+    def macs_per_token(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    def to_dense(self):
+        return (self.U @ self.V).detach()
+
+    @staticmethod
+    def _rank(in_features, out_features, budget, rank):
+        if rank is None:
+            rank = lowrank_rank(in_features, out_features, budget)
+            if rank < 1:
+                raise ValueError(f"budget {budget} is below one rank of a {out_features}x{in_features} low-rank "
+                                 f"layer; it needs at least {(in_features + out_features) / (in_features * out_features):.4g}")
+        elif not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}] for a {out_features}x{in_features} "
+                             f"layer, got {rank!r}")
+        return rank
+
+    @classmethod
+    def from_dense(cls, weight, bias, budget, rank: int | None = None):
+        """``rank`` overrides the budget's rank (e.g. the paper's rank 192 for GPT-2)."""
+        rank = cls._rank(weight.shape[1], weight.shape[0], budget, rank)
+        U, V = svd_split(weight, rank)
+        layer = cls(U, V, bias)
+        layer.projection_error = relative_error(U @ V, weight)
+        return layer
+
+    @classmethod
+    def build(cls, in_features, out_features, budget, bias, rank: int | None = None):
+        rank = cls._rank(in_features, out_features, budget, rank)
+        # Var(U V^T x) matches nn.Linear's init: Var(W_ij) = 1 / (3 in).
+        U = torch.randn(out_features, rank) / rank**0.5
+        V = torch.randn(rank, in_features) / (3 * in_features) ** 0.5
+        return cls(U, V, bias)
