@@ -1,0 +1,119 @@
+"""Replace a model's linear layers by structured ones (SPEC §4, §7).
+
+Targets are module-name suffixes: "mlp.fc1" matches ``blocks.3.mlp.fc1``. The paper replaces
+- in a timm ViT: q, k, v (timm's fused ``attn.qkv`` split into three d x d layers), fc1, fc2;
+  attn.proj and the head stay dense;
+- in a Hugging Face GPT-2: attn.c_attn, mlp.c_fc, mlp.c_proj; attn.c_proj, the embeddings and the
+  LM head stay dense.
+"""
+import torch
+from torch import nn
+from timm.models.vision_transformer import Attention, VisionTransformer
+from transformers.pytorch_utils import Conv1D
+
+from gblr.layers import StructuredLinear, from_dense
+
+VIT_TARGETS = ("attn.q", "attn.k", "attn.v", "mlp.fc1", "mlp.fc2")
+GPT2_TARGETS = ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The paper's replaced layers for a timm ViT or an HF GPT-2 (see the module docstring)."""
+    if isinstance(model, VisionTransformer):
+        return VIT_TARGETS
+    if any(isinstance(m, Conv1D) for m in model.modules()):
+        return GPT2_TARGETS
+    raise ValueError(f"no default targets for {type(model).__name__}; pass targets explicitly")
+
+
+class ConcatQKV(nn.Module):
+    """Stands in for timm's fused ``attn.qkv`` after ``split_qkv``: x (..., dim) -> (..., 3 * attn_dim).
+
+    Returns cat(attn.q(x), attn.k(x), attn.v(x)), the fused layer's output layout, so timm's
+    ``Attention.forward`` runs unchanged. q, k, v are children of the attention module, not of
+    this one, so they are named ``blocks.i.attn.q`` etc. and replacing ``attn.q`` later is seen here.
+    """
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "attn", attn)  # a back-reference, not a child (no parameters here)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.attn.q(x), self.attn.k(x), self.attn.v(x)], dim=-1)
+
+    def extra_repr(self) -> str:
+        return "cat(attn.q, attn.k, attn.v)"
+
+
+@torch.no_grad()
+def split_qkv(model: nn.Module) -> int:
+    """Split every timm Attention's fused qkv Linear(dim, 3 * attn_dim) into q, k, v Linear(dim, attn_dim).
+
+    The model's outputs are unchanged (same weights, same order: timm reshapes qkv's output as
+    (3, heads, head_dim), so rows [0, d) are q, [d, 2d) k, [2d, 3d) v). Idempotent; returns the
+    number of attention modules split.
+    """
+    count = 0
+    for attn in model.modules():
+        if not isinstance(attn, Attention) or not isinstance(attn.qkv, nn.Linear):
+            continue
+        fused, d = attn.qkv, attn.attn_dim
+        for i, part in enumerate("qkv"):
+            layer = nn.Linear(fused.in_features, d, bias=fused.bias is not None,
+                              device=fused.weight.device, dtype=fused.weight.dtype)
+            layer.weight.copy_(fused.weight[i * d:(i + 1) * d])
+            if fused.bias is not None:
+                layer.bias.copy_(fused.bias[i * d:(i + 1) * d])
+            setattr(attn, part, layer)
+        attn.qkv = ConcatQKV(attn)
+        count += 1
+    return count
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, in) weight and (out,) bias of an nn.Linear or an HF Conv1D (whose weight is (in, out))."""
+    if isinstance(module, Conv1D):
+        return module.weight.T, module.bias
+    return module.weight, module.bias
+
+
+def replace_layers(model: nn.Module, targets, kind: str, budget: float,
+                   **options) -> list[tuple[str, StructuredLinear]]:
+    """Replace every nn.Linear / HF Conv1D whose name ends with a target by ``from_dense(kind, ...)``.
+
+    targets: module-name suffixes, e.g. ``VIT_TARGETS`` or ``GPT2_TARGETS``; None means
+    ``default_targets(model)``. A target ending in q, k or v first splits timm's fused qkv
+    (``split_qkv``). budget: each layer's target MACs / its dense MACs (SPEC §4); ``options`` go
+    to ``from_dense``. The new layer takes (..., in) like the old one and gives (..., out), on the
+    old weight's device and dtype. Returns [(name, new layer)] in model order. Raises ValueError
+    naming a target that matches no replaceable layer (nothing is replaced then).
+    """
+    targets = default_targets(model) if targets is None else (targets,) if isinstance(targets, str) else tuple(targets)
+    if any(t.split(".")[-1] in ("q", "k", "v") for t in targets):
+        split_qkv(model)
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    for pattern in targets:
+        if not any(_matches(name, pattern) for name, _ in linears):
+            names = ", ".join(name for name, _ in linears[:12])
+            raise ValueError(f"target {pattern!r} matches no nn.Linear/Conv1D layer of {type(model).__name__}; "
+                             f"targets are module-name suffixes such as 'mlp.fc1'. Linear layers: {names}"
+                             f"{', ...' if len(linears) > 12 else ''}")
+    replaced = []
+    for name, old in linears:
+        if not any(_matches(name, pattern) for pattern in targets):
+            continue
+        weight, bias = _dense_weight(old)
+        new = from_dense(kind, weight, bias, budget, **options).to(device=weight.device, dtype=weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+        replaced.append((name, new))
+    return replaced
+
+
+def structured_layers(model: nn.Module) -> list[tuple[str, StructuredLinear]]:
+    """Every StructuredLinear of the model with its name, in model order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, StructuredLinear)]
