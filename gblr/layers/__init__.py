@@ -6,7 +6,7 @@
 
 Kinds: dense, lowrank, monarch, gblr. A fifth is one file with a ``@register("name")`` class.
 """
-from .base import LAYERS, StructuredLinear, build, check_budget, from_dense, relative_error
+from .base import LAYERS, StructuredLinear, build, check_budget, from_dense, layer_class, relative_error
 from .dense import DenseLinear
 from .gaudi import boxcar, dirichlet_mask, gaudi_mask, hard_locations, hard_widths
 from .gblr import GBLRLinear, fit_to_dense
@@ -15,7 +15,7 @@ from .lowrank import LowRankLinear, lowrank_rank, svd_split
 from .monarch import MonarchLinear, monarch_macs, monarch_nblocks, project_to_monarch
 
 __all__ = [
-    "LAYERS", "StructuredLinear", "build", "check_budget", "from_dense", "relative_error", "DenseLinear",
+    "LAYERS", "StructuredLinear", "build", "check_budget", "from_dense", "layer_class", "relative_error", "DenseLinear",
     "boxcar", "dirichlet_mask", "gaudi_mask", "hard_locations", "hard_widths", "GBLRLinear", "fit_to_dense",
     "GBLRInference", "to_inference", "LowRankLinear", "lowrank_rank", "svd_split", "MonarchLinear",
     "monarch_macs", "monarch_nblocks", "project_to_monarch",

@@ -1,0 +1,206 @@
+"""The training loop: AdamW with three parameter groups, warm-up + cosine, AMP, the GBLR budget.
+
+One function, ``train``, reads top to bottom: per epoch it reseeds (so a resumed run replays the
+same shuffles and dropout), runs the optimizer steps, keeps the GBLR widths within the FLOP budget
+after every step (SPEC §5), evaluates, logs one line and writes a checkpoint atomically.
+"""
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gblr.budget import project_widths, soft_threshold_widths, uniform_project_widths
+from gblr.layers import GBLRLinear
+from gblr.report import save_checkpoint
+
+BUDGET_MODES = ("global", "uniform", "penalty")
+STRUCTURE = ("widths", "locations")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, structure_lr: float) -> list[dict]:
+    """AdamW groups: decayed weights; biases, norms and embeddings without decay; GBLR widths and
+    locations at their own lr, betas (0, 0.999), no decay (SPEC §5)."""
+    skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    decay, no_decay, structure = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.rsplit(".", 1)[-1] in STRUCTURE:
+            structure.append(p)
+        elif p.ndim <= 1 or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    if structure:
+        groups.append({"params": structure, "lr": structure_lr, "weight_decay": 0.0, "betas": (0.0, 0.999)})
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 down to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class WidthBudget:
+    """Keeps the model's GBLR layers within ``budget`` of their dense MACs (SPEC §5).
+
+    mode "global": after every step, one FLOP-weighted projection over all layers (the model
+    decides where the MACs go); "uniform": each layer projected onto its own budget (the ablation);
+    "penalty": the paper's proximal step on lambda * (sum of widths), tau = lambda * lr, with the
+    hard budget applied once at the end. ``sigma_schedule`` {start, end, hold_epochs} anneals the
+    masks' Gaussian per epoch; the structure is hard (sigma None) after ``finish``.
+    """
+
+    def __init__(self, model: nn.Module, budget: float, mode: str = "global", penalty: float = 0.0,
+                 sigma=None, sigma_schedule=None):
+        if mode not in BUDGET_MODES:
+            raise ValueError(f"weight.budget_mode must be one of {BUDGET_MODES}, got {mode!r}")
+        self.layers = [m for m in model.modules() if isinstance(m, GBLRLinear)]
+        self.budget, self.mode, self.penalty = budget, mode, penalty
+        self.sigma, self.sigma_schedule = sigma, sigma_schedule
+        self.max_macs = budget * sum(layer.dense_macs_per_token() for layer in self.layers)
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        sigma = self.sigma
+        if self.sigma_schedule:
+            s = self.sigma_schedule
+            hold = s.get("hold_epochs", 0)
+            progress = max(0, epoch - hold) / max(1, epochs - 1 - hold)
+            sigma = s["start"] + (s["end"] - s["start"]) * min(1.0, progress)
+        for layer in self.layers:
+            layer.sigma = sigma
+
+    def after_step(self, structure_lr: float) -> None:
+        if not self.layers:
+            return
+        if self.mode == "global":
+            project_widths(self.layers, self.max_macs)
+        elif self.mode == "uniform":
+            uniform_project_widths(self.layers, self.budget)
+        else:
+            soft_threshold_widths(self.layers, self.penalty * structure_lr)
+
+    def finish(self) -> None:
+        """Hard masks, and the budget met exactly whatever the mode."""
+        for layer in self.layers:
+            layer.sigma = None
+        if self.mode == "uniform":
+            uniform_project_widths(self.layers, self.budget)
+        elif self.layers:
+            project_widths(self.layers, self.max_macs)
+
+
+def autocast_dtype(amp: str, device: torch.device):
+    """The autocast dtype for train.amp (auto = bf16 on CUDA, none on CPU), or None."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    choices = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in choices:
+        raise ValueError(f"train.amp must be one of auto, off, bf16, fp16, got {amp!r}")
+    return choices[amp]
+
+
+def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int, device: torch.device,
+          checkpoint: Path | None = None, resume: bool = False, budget: WidthBudget | None = None,
+          log=print, desc: str = "train", collate_fn=None) -> dict:
+    """Train ``model`` in place; return {"history": [per-epoch metrics], "completed": bool}.
+
+    settings: epochs, batch_size, grad_accum, lr, structure_lr, min_lr, warmup_epochs,
+    weight_decay, clip_grad, amp, num_workers, stop_after (see configs/config.yaml: train).
+    loss_fn(model, batch) -> scalar loss; evaluate(model) -> dict of metrics.
+    checkpoint: file written after every epoch (model, optimizer, epoch, history); with
+    ``resume`` an existing one is loaded and training continues after its epoch.
+    """
+    g = settings.get
+    epochs, accum = g("epochs"), g("grad_accum", 1)
+    micro_batch = g("batch_size") // accum
+    if micro_batch < 1 or g("batch_size") % accum:
+        raise ValueError(f"train.batch_size {g('batch_size')} must be a positive multiple of train.grad_accum {accum}")
+    structure_lr = g("structure_lr") or g("lr")
+    optimizer = torch.optim.AdamW(param_groups(model, g("lr"), g("weight_decay", 0.0), structure_lr),
+                                  betas=(0.9, 0.999))
+    amp_dtype = autocast_dtype(g("amp", "auto"), device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    steps_per_epoch = len(train_set) // g("batch_size")
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.batch_size {g('batch_size')} is larger than the training set ({len(train_set)})")
+    total, warmup = epochs * steps_per_epoch, round(g("warmup_epochs", 0) * steps_per_epoch)
+    floor = g("min_lr", 0.0) / g("lr")
+
+    history, start_epoch = [], 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        history, start_epoch = state["history"], state["epoch"]
+        log(f"resumed from {checkpoint} after epoch {start_epoch}/{epochs}")
+
+    for epoch in range(start_epoch, epochs):
+        seed_everything(seed * 1_000_003 + epoch)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=micro_batch, shuffle=True, drop_last=True, num_workers=g("num_workers", 0),
+            generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch), collate_fn=collate_fn,
+            persistent_workers=False)
+        if budget is not None:
+            budget.start_epoch(epoch, epochs)
+        model.train()
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", total=steps_per_epoch * accum, leave=False,
+                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        loss_sum, micro_steps = 0.0, 0
+        for i, batch in enumerate(bar):
+            if i >= steps_per_epoch * accum:
+                break
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {i // accum + 1}")
+            scaler.scale(loss / accum).backward()
+            loss_sum, micro_steps = loss_sum + loss.item(), micro_steps + 1
+            if (i + 1) % accum:
+                continue
+            step = epoch * steps_per_epoch + i // accum
+            factor = lr_factor(step, total, warmup, floor)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            if g("clip_grad"):
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), g("clip_grad"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if budget is not None:
+                budget.after_step(structure_lr * factor)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.close()
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, micro_steps), **evaluate(model)}
+        if budget is not None and budget.layers:
+            metrics["replaced_macs_per_token"] = sum(layer.macs_per_token() for layer in budget.layers)
+        history.append(metrics)
+        log(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"))
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history})
+        if g("stop_after") is not None and epoch + 1 >= g("stop_after") and epoch + 1 < epochs:
+            log(f"stopping after epoch {epoch + 1} (train.stop_after); resume=true continues from {checkpoint}")
+            return {"history": history, "completed": False}
+    return {"history": history, "completed": True}
