@@ -165,6 +165,33 @@ def dense_start(cfg, task, model, device) -> dict:
     return metrics
 
 
+class Logger:
+    """logger=none | wandb: one wandb run per job (finished by ``close``, also in a multirun)."""
+
+    def __init__(self, cfg, run_dir: Path):
+        self.run = None
+        if cfg.logger.name == "wandb":
+            try:
+                import wandb
+            except ImportError as error:
+                raise ValueError("logger=wandb needs the wandb package: pip install wandb") from error
+            self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"),
+                                  mode=cfg.logger.get("mode", "offline"), dir=str(run_dir),
+                                  name=f"{cfg.model.name}-{cfg.data.name}-{run_dir.name}", config=plain(cfg))
+        elif cfg.logger.name != "none":
+            raise ValueError(f"logger must be 'none' or 'wandb', got {cfg.logger.name!r}")
+
+    def log(self, metrics: dict) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def close(self, summary: dict | None = None) -> None:
+        if self.run is not None:
+            if summary:
+                self.run.summary.update(summary)
+            self.run.finish()
+
+
 def flop_report(model, tokens=None) -> dict:
     macs = count_macs(model, tokens)
     return {"unit": macs["unit"], "tokens": macs["tokens"], "macs": macs["macs"], "dense_macs": macs["dense_macs"],
@@ -174,8 +201,12 @@ def flop_report(model, tokens=None) -> dict:
             "paper_convention": macs["paper_convention"]}
 
 
-def run(cfg) -> dict:
-    """Run one experiment (see the module docstring); return the result written to results.json."""
+def run(cfg, skip_existing: bool = False) -> dict:
+    """Run one experiment (see the module docstring); return the result written to results.json.
+
+    skip_existing: when the run directory already holds a completed results.json (a rerun of a
+    sweep), return it without running again.
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     start_time = time.time()
@@ -189,6 +220,11 @@ def run(cfg) -> dict:
     device = resolve_device(cfg.device)
     run_dir = resolve_run_dir(cfg)
     family = cfg.model.family
+    if skip_existing and not cfg.dry_run and (run_dir / "results.json").exists():
+        previous = json.loads((run_dir / "results.json").read_text())
+        if previous.get("completed") and not previous.get("dry_run"):
+            log.info(f"skipping: {run_dir / 'results.json'} exists")
+            return previous
 
     task = None
     if not cfg.dry_run:  # data first: a missing dataset fails before any model is built or downloaded
@@ -223,15 +259,19 @@ def run(cfg) -> dict:
     completed, history = True, []
     if task is not None:
         metrics.update({f"converted_{k}": v for k, v in task.evaluate(model).items() if k == task.metric})
-        outcome = train(model, task.train_set, task.loss, task.evaluate, plain(cfg.train), seed=cfg.seed,
-                        device=device, checkpoint=run_dir / "checkpoint.pt", resume=cfg.resume,
-                        budget=budget_keeper, log=log.info, desc="fine-tune")
-        completed, history = outcome["completed"], outcome["history"]
-        if not completed:
-            return {"completed": False, "run_dir": str(run_dir), "history": history}
-        if budget_keeper is not None:
-            budget_keeper.finish()
-        metrics.update(task.evaluate(model))  # the hard structure's accuracy / perplexity
+        logger = Logger(cfg, run_dir)
+        try:
+            outcome = train(model, task.train_set, task.loss, task.evaluate, plain(cfg.train), seed=cfg.seed,
+                            device=device, checkpoint=run_dir / "checkpoint.pt", resume=cfg.resume,
+                            budget=budget_keeper, log=log.info, report=logger.log, desc="fine-tune")
+            completed, history = outcome["completed"], outcome["history"]
+            if not completed:
+                return {"completed": False, "run_dir": str(run_dir), "history": history}
+            if budget_keeper is not None:
+                budget_keeper.finish()
+            metrics.update(task.evaluate(model))  # the hard structure's accuracy / perplexity
+        finally:
+            logger.close(metrics)
 
     result = {
         "model": cfg.model.name, "data": cfg.data.name,

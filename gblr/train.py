@@ -120,7 +120,7 @@ def autocast_dtype(amp: str, device: torch.device):
 
 def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int, device: torch.device,
           checkpoint: Path | None = None, resume: bool = False, budget: WidthBudget | None = None,
-          log=print, desc: str = "train", collate_fn=None) -> dict:
+          log=print, report=None, desc: str = "train", collate_fn=None) -> dict:
     """Train ``model`` in place; return {"history": [per-epoch metrics], "completed": bool}.
 
     settings: epochs, batch_size, grad_accum, lr, structure_lr, min_lr, warmup_epochs,
@@ -128,6 +128,7 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
     loss_fn(model, batch) -> scalar loss; evaluate(model) -> dict of metrics.
     checkpoint: file written after every epoch (model, optimizer, epoch, history); with
     ``resume`` an existing one is loaded and training continues after its epoch.
+    log(line) gets one line per epoch; report(metrics), when given, the epoch's metrics dict.
     """
     g = settings.get
     epochs, accum = g("epochs"), g("grad_accum", 1)
@@ -195,6 +196,8 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
         if budget is not None and budget.layers:
             metrics["replaced_macs_per_token"] = sum(layer.macs_per_token() for layer in budget.layers)
         history.append(metrics)
+        if report is not None:
+            report(metrics)
         log(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"))
         if checkpoint is not None:
