@@ -41,7 +41,7 @@ def hub_offline() -> bool:
                for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
+def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether a TCP connection to the hub (or the HTTPS proxy in between) opens within ``timeout_s``."""
     url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or \
         os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -72,7 +72,7 @@ def find_pretrained(pretrained: str | os.PathLike | None) -> tuple[str, str | No
                                 f"state-dict file ({', '.join(WEIGHT_SUFFIXES)}) or model directory, or "
                                 f"pretrained=null for random init.")
     why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else None
-    if why is None and not _hub_reachable():
+    if why is None and not hub_reachable():
         why = "the Hugging Face hub cannot be reached from this machine"
     if why:
         raise ValueError(f"cannot download pretrained weights {text!r}: {why}. It is not a local path either. "

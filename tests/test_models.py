@@ -134,13 +134,13 @@ def test_hub_names_fail_fast_offline(monkeypatch):
 def test_hub_names_fail_fast_without_network(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout_s=3.0: False)
     with pytest.raises(ValueError, match="cannot be reached"):
         find_pretrained("gpt2")
 
 
 def test_find_pretrained_classifies(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: True)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout_s=3.0: True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     assert find_pretrained(None) == ("none", None)

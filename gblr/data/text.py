@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gblr.data import default_cache_dir
+
 WIKITEXT_CONFIG = "wikitext-103-raw-v1"
 WIKITEXT_DESCRIPTION = "WikiText-103 (wikitext-103-raw-v1)"
 PYDOC_DESCRIPTION = "pydoc_data.topics (CPython reference text)"
@@ -42,10 +44,6 @@ _RAW_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test":
 _WIKITEXT_SUBDIRS = ("", WIKITEXT_CONFIG, "wikitext-103-raw")
 _LINES_PER_BATCH = 10_000
 
-
-def default_cache_dir() -> Path:
-    """The gblr cache root, ~/.cache/gblr; each dataset uses a subfolder of it."""
-    return Path.home() / ".cache" / "gblr"
 
 
 def _sha1(text: str) -> str:
@@ -152,9 +150,9 @@ def _hub_wikitext(split: str):
             "WikiText-103: data.root is not set and the `datasets` library is not installed; set "
             f"data.root=/path/to/{WIKITEXT_CONFIG} (parquet or wiki.*.raw files) or pip install datasets"
         ) from None
-    from gblr.models import _hub_reachable, hub_offline
+    from gblr.models import hub_reachable, hub_offline
 
-    if not hub_offline() and not _hub_reachable():
+    if not hub_offline() and not hub_reachable():
         raise FileNotFoundError(
             "WikiText-103: data.root is not set and the Hugging Face hub cannot be reached; set "
             f"data.root=/path/to/{WIKITEXT_CONFIG} (parquet or wiki.*.raw files), or HF_HUB_OFFLINE=1 "
@@ -185,7 +183,7 @@ def load_tokenizer(name_or_path="gpt2"):
     """
     from transformers import AutoTokenizer
 
-    from gblr.models import _hub_reachable, hub_offline
+    from gblr.models import hub_reachable, hub_offline
 
     path = Path(name_or_path).expanduser()
     if not path.is_dir() and (path.is_absolute() or str(name_or_path).startswith((".", "~"))):
@@ -196,7 +194,7 @@ def load_tokenizer(name_or_path="gpt2"):
     why = None
     if not path.is_dir():  # a hub name: read the local HF cache only when the hub is off or unreachable
         why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else None
-        if why is None and not _hub_reachable():
+        if why is None and not hub_reachable():
             why = "the Hugging Face hub cannot be reached"
     try:
         source = str(path) if path.is_dir() else name_or_path

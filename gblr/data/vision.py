@@ -20,6 +20,8 @@ from pathlib import Path
 
 from torchvision import datasets, transforms
 
+from gblr.data import default_cache_dir
+
 # timm's default ViT-B/16 weights (augreg) normalize with mean = std = 0.5 (SPEC §9). Pass the
 # model's own pretrained_cfg mean/std when it differs (e.g. DeiT weights use ImageNet mean/std).
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
@@ -33,10 +35,6 @@ LAYOUT = "train/<class>/*.JPEG and val/<class>/*.JPEG"
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
-
-def default_cache_dir() -> Path:
-    """The gblr cache root, ~/.cache/gblr; each dataset uses a subfolder of it."""
-    return Path.home() / ".cache" / "gblr"
 
 
 def image_folder_datasets(root, train_transform, eval_transform):
