@@ -6,6 +6,7 @@ the sweep goes on; a rerun of the same sweep skips the jobs whose results.json a
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,7 +15,7 @@ from hydra.types import RunMode
 from gblr.runner import run
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "configs"), config_name="config")
 def main(cfg):
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -26,6 +27,11 @@ def main(cfg):
             return job_failed(error)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as error:  # a diverged run: say where; the last good checkpoint stays
+        if multirun:
+            return job_failed(error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)
     except Exception as error:
         if not multirun:
             raise

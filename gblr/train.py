@@ -6,7 +6,9 @@ after every step (SPEC §5), evaluates, logs one line and writes a checkpoint at
 """
 import math
 import random
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -118,92 +120,158 @@ def autocast_dtype(amp: str, device: torch.device):
     return choices[amp]
 
 
+class StopRequest:
+    """Turns SIGTERM / SIGUSR1 (a scheduler's preemption notice) into a flag read between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+
+
 def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int, device: torch.device,
           checkpoint: Path | None = None, resume: bool = False, budget: WidthBudget | None = None,
           log=print, report=None, desc: str = "train", collate_fn=None) -> dict:
-    """Train ``model`` in place; return {"history": [per-epoch metrics], "completed": bool}.
+    """Train ``model`` in place; return {"history": [per-epoch metrics], "completed": bool, "preempted": bool}.
 
     settings: epochs, batch_size, grad_accum, lr, structure_lr, min_lr, warmup_epochs,
-    weight_decay, clip_grad, amp, num_workers, stop_after (see configs/config.yaml: train).
+    weight_decay, clip_grad, amp, num_workers, stop_after, max_bad_steps (configs/config.yaml: train).
     loss_fn(model, batch) -> scalar loss; evaluate(model) -> dict of metrics.
-    checkpoint: file written after every epoch (model, optimizer, epoch, history); with
-    ``resume`` an existing one is loaded and training continues after its epoch.
+    checkpoint: written atomically after every epoch, and mid-epoch on SIGTERM / SIGUSR1 (then
+    training returns with preempted=True); with ``resume`` an existing one is loaded and
+    training continues at the step where it stopped, with the same data order and random state.
+    A non-finite loss skips the step up to ``max_bad_steps`` times (e.g. fp16 overflow), then
+    raises FloatingPointError naming the step; the checkpoint of the last good epoch stays.
     log(line) gets one line per epoch; report(metrics), when given, the epoch's metrics dict.
     """
     g = settings.get
-    epochs, accum = g("epochs"), g("grad_accum", 1)
-    micro_batch = g("batch_size") // accum
-    if micro_batch < 1 or g("batch_size") % accum:
-        raise ValueError(f"train.batch_size {g('batch_size')} must be a positive multiple of train.grad_accum {accum}")
+    epochs, accum, batch_size = g("epochs"), g("grad_accum", 1), g("batch_size")
+    micro_batch = batch_size // accum
+    if micro_batch < 1 or batch_size % accum:
+        raise ValueError(f"train.batch_size {batch_size} must be a positive multiple of train.grad_accum {accum}")
     structure_lr = g("structure_lr") or g("lr")
     optimizer = torch.optim.AdamW(param_groups(model, g("lr"), g("weight_decay", 0.0), structure_lr),
                                   betas=(0.9, 0.999))
     amp_dtype = autocast_dtype(g("amp", "auto"), device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    steps_per_epoch = len(train_set) // g("batch_size")
+    steps_per_epoch = len(train_set) // batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"train.batch_size {g('batch_size')} is larger than the training set ({len(train_set)})")
+        raise ValueError(f"train.batch_size {batch_size} is larger than the training set ({len(train_set)})")
     total, warmup = epochs * steps_per_epoch, round(g("warmup_epochs", 0) * steps_per_epoch)
     floor = g("min_lr", 0.0) / g("lr")
 
-    history, start_epoch = [], 0
+    history, start_epoch, position = [], 0, None
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        history, start_epoch = state["history"], state["epoch"]
-        log(f"resumed from {checkpoint} after epoch {start_epoch}/{epochs}")
+        history, start_epoch, position = state["history"], state["epoch"], state.get("position")
+        where = f"epoch {start_epoch + 1}, step {position['step']}" if position else f"epoch {start_epoch}"
+        log(f"resumed from {checkpoint} after {where} of {epochs} epochs")
 
-    for epoch in range(start_epoch, epochs):
-        seed_everything(seed * 1_000_003 + epoch)
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=micro_batch, shuffle=True, drop_last=True, num_workers=g("num_workers", 0),
-            generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch), collate_fn=collate_fn,
-            persistent_workers=False)
-        if budget is not None:
-            budget.start_epoch(epoch, epochs)
-        model.train()
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", total=steps_per_epoch * accum, leave=False,
-                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
-        loss_sum, micro_steps = 0.0, 0
-        for i, batch in enumerate(bar):
-            if i >= steps_per_epoch * accum:
-                break
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {i // accum + 1}")
-            scaler.scale(loss / accum).backward()
-            loss_sum, micro_steps = loss_sum + loss.item(), micro_steps + 1
-            if (i + 1) % accum:
-                continue
-            step = epoch * steps_per_epoch + i // accum
-            factor = lr_factor(step, total, warmup, floor)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            if g("clip_grad"):
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), g("clip_grad"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if budget is not None:
-                budget.after_step(structure_lr * factor)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        bar.close()
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, micro_steps), **evaluate(model)}
-        if budget is not None and budget.layers:
-            metrics["replaced_macs_per_token"] = sum(layer.macs_per_token() for layer in budget.layers)
-        history.append(metrics)
-        if report is not None:
-            report(metrics)
-        log(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"))
+    def save(epoch_done: int, position: dict | None = None) -> None:
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history})
-        if g("stop_after") is not None and epoch + 1 >= g("stop_after") and epoch + 1 < epochs:
-            log(f"stopping after epoch {epoch + 1} (train.stop_after); resume=true continues from {checkpoint}")
-            return {"history": history, "completed": False}
-    return {"history": history, "completed": True}
+                                         "scaler": scaler.state_dict(), "epoch": epoch_done, "history": history,
+                                         "position": position})
+
+    bad_steps = 0
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, epochs):
+            # The epoch's data order and random state depend on (seed, epoch) alone, so a resumed run
+            # replays them; a mid-epoch resume skips the steps already taken.
+            seed_everything(seed * 1_000_003 + epoch)
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            first_step, loss_sum, micro_steps = 0, 0.0, 0
+            if position is not None:
+                first_step, loss_sum, micro_steps = position["step"], position["loss_sum"], position["micro_steps"]
+                set_rng_state(position["rng"])
+                position = None
+            loader = torch.utils.data.DataLoader(
+                train_set, batch_size=micro_batch, sampler=order[first_step * batch_size: steps_per_epoch * batch_size].tolist(),
+                num_workers=g("num_workers", 0), collate_fn=collate_fn)
+            if budget is not None:
+                budget.start_epoch(epoch, epochs)
+            model.train()
+            bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", initial=first_step * accum,
+                       total=steps_per_epoch * accum, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+            for i, batch in enumerate(bar, start=first_step * accum):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = loss_fn(model, batch)
+                step_in_epoch = i // accum
+                if not torch.isfinite(loss):
+                    bad_steps += 1
+                    if bad_steps > g("max_bad_steps", 0):
+                        kept = f"the last good checkpoint, {checkpoint} (epoch {len(history)}), is kept" \
+                            if checkpoint is not None and checkpoint.exists() else "no checkpoint was written yet"
+                        raise FloatingPointError(
+                            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step_in_epoch + 1} of "
+                            f"{steps_per_epoch}; {kept}; lower train.lr or set train.max_bad_steps to skip such steps")
+                    log(f"skipping step {step_in_epoch + 1} of epoch {epoch + 1}: non-finite loss ({bad_steps} so far)")
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                scaler.scale(loss / accum).backward()
+                loss_sum, micro_steps = loss_sum + loss.item(), micro_steps + 1
+                if (i + 1) % accum:
+                    continue
+                factor = lr_factor(epoch * steps_per_epoch + step_in_epoch, total, warmup, floor)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+                if g("clip_grad"):
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), g("clip_grad"))
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if budget is not None:
+                    budget.after_step(structure_lr * factor)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                if stop.signum is not None and step_in_epoch + 1 < steps_per_epoch:
+                    bar.close()
+                    save(epoch, {"step": step_in_epoch + 1, "loss_sum": loss_sum, "micro_steps": micro_steps,
+                                 "rng": rng_state()})
+                    log(f"{signal.Signals(stop.signum).name}: checkpoint written at epoch {epoch + 1}, step "
+                        f"{step_in_epoch + 1}; resume=true continues from {checkpoint}")
+                    return {"history": history, "completed": False, "preempted": True}
+            bar.close()
+            metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, micro_steps), **evaluate(model)}
+            if budget is not None and budget.layers:
+                metrics["replaced_macs_per_token"] = sum(layer.macs_per_token() for layer in budget.layers)
+            history.append(metrics)
+            if report is not None:
+                report(metrics)
+            log(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"))
+            save(epoch + 1)
+            if stop.signum is not None and epoch + 1 < epochs:
+                log(f"{signal.Signals(stop.signum).name}: checkpoint written after epoch {epoch + 1}; "
+                    f"resume=true continues from {checkpoint}")
+                return {"history": history, "completed": False, "preempted": True}
+            if g("stop_after") is not None and epoch + 1 >= g("stop_after") and epoch + 1 < epochs:
+                log(f"stopping after epoch {epoch + 1} (train.stop_after); resume=true continues from {checkpoint}")
+                return {"history": history, "completed": False, "preempted": False}
+    return {"history": history, "completed": True, "preempted": False}
