@@ -12,6 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from gblr import distributed
 from gblr.runner import run
 
 
@@ -19,7 +20,9 @@ from gblr.runner import run
 def main(cfg):
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return run(cfg, skip_existing=multirun)
+        result = run(cfg, skip_existing=multirun)
+        distributed.teardown()
+        return result
     except (ValueError, FileNotFoundError) as error:  # bad input: one line, non-zero exit, nothing written
         if os.environ.get("GBLR_DEBUG"):
             raise

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
+from gblr import distributed
 from gblr.flops import count_macs, per_layer_report
 from gblr.layers import check_budget, layer_class
 from gblr.report import save_checkpoint, summary_table, versions, write_json
@@ -20,14 +21,6 @@ from gblr.surgery import replace_layers
 from gblr.train import WidthBudget, train
 
 log = logging.getLogger("gblr")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def resolve_run_dir(cfg) -> Path:
@@ -80,8 +73,9 @@ class VisionTask:
     def evaluate(self, model) -> dict:
         was_training = model.training
         model.eval()
-        loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.t.eval_batch_size,
-                                             num_workers=self.t.num_workers)
+        shard = torch.utils.data.Subset(self.val_set, range(distributed.rank(), len(self.val_set),
+                                                            distributed.world_size()))
+        loader = torch.utils.data.DataLoader(shard, batch_size=self.t.eval_batch_size, num_workers=self.t.num_workers)
         correct1 = correct5 = count = 0
         for x, y in loader:
             logits = model(x.to(self.device)).float()
@@ -90,6 +84,7 @@ class VisionTask:
             correct5 += int((top == y[:, None]).any(-1).sum())
             count += len(y)
         model.train(was_training)
+        correct1, correct5, count = distributed.all_sum(correct1, correct5, count)  # sums, not means, across ranks
         return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count}
 
     def model_kwargs(self, cfg) -> dict:
@@ -97,7 +92,12 @@ class VisionTask:
 
 
 class TextTask:
-    """GPT-2 on a token stream (WikiText-103 or the embedded pydoc text): LM loss, perplexity."""
+    """GPT-2 on a token stream (WikiText-103 or the embedded pydoc text): LM loss, perplexity.
+
+    Training sees non-overlapping blocks of data.block_size tokens; evaluation scores the whole
+    validation stream as exp(total token NLL / predicted tokens), in blocks or, with
+    data.eval_stride, sliding windows (gblr.data.text.evaluate_perplexity).
+    """
 
     metric, higher_is_better = "ppl", False
 
@@ -108,7 +108,11 @@ class TextTask:
         self.block_size = d["block_size"]
         train_tokens, self.val_tokens, self.info = build_text_data(
             d["name"], root=d.get("root"), cache_dir=Path(cfg.cache_dir).expanduser(), tokenizer=d.get("tokenizer"),
-            block_size=self.block_size, vocab_size=d.get("vocab_size", 2048), max_positions=max_positions)
+            block_size=self.block_size, vocab_size=d["vocab_size"], max_positions=max_positions)
+        if self.info["vocab_size"] > d["vocab_size"]:  # an id beyond the embedding would fail deep inside the model
+            raise ValueError(f"the tokenizer ({self.info['tokenizer']}) has {self.info['vocab_size']} tokens but "
+                             f"data.vocab_size={d['vocab_size']} embedding rows; set data.vocab_size="
+                             f"{self.info['vocab_size']} (or more)")
         self.train_set = TokenBlocks(train_tokens, self.block_size)
         self.device, self.t, self.stride = device, cfg.train, d.get("eval_stride")
 
@@ -161,7 +165,9 @@ def dense_start(cfg, task, model, device) -> dict:
     train(model, task.train_set, task.loss, task.evaluate, settings, seed=cfg.seed, device=device,
           log=log.info, desc="dense start")
     metrics = task.evaluate(model)
-    save_checkpoint(path, {"model": model.state_dict(), "metrics": metrics, "key": key})
+    if distributed.is_main():
+        save_checkpoint(path, {"model": model.state_dict(), "metrics": metrics, "key": key})
+    distributed.barrier()
     return metrics
 
 
@@ -210,6 +216,8 @@ def run(cfg, skip_existing: bool = False) -> dict:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     start_time = time.time()
+    device = distributed.setup(cfg.device)  # under torchrun: this rank's device; only rank 0 writes
+    log.setLevel(logging.INFO if distributed.is_main() else logging.WARNING)
     budget = check_budget(cfg.budget)
     kind = cfg.weight.kind
     layer_class(kind)
@@ -217,7 +225,6 @@ def run(cfg, skip_existing: bool = False) -> dict:
         log.info(f"weight=dense ignores budget={budget}: dense layers cost in * out MACs (budget recorded as 1)")
         budget = 1.0
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
     run_dir = resolve_run_dir(cfg)
     family = cfg.model.family
     if skip_existing and not cfg.dry_run and (run_dir / "results.json").exists():
@@ -235,7 +242,13 @@ def run(cfg, skip_existing: bool = False) -> dict:
             positions = cfg.model.get("kwargs", {}).get("n_positions") or (
                 GPT2_TINY["n_positions"] if cfg.model.name == "gpt2_tiny" else 1024)
             task = TextTask(cfg, device, positions)
-    extra = {"num_classes": cfg.data.num_classes} if family == "vit" else {"vocab_size": cfg.data.vocab_size}
+    if family == "vit":
+        extra = {"num_classes": cfg.data.num_classes}
+    else:
+        extra = {"vocab_size": cfg.data.vocab_size}
+        if cfg.data.vocab_size <= 50256:  # GPT2Config's bos/eos id 50256 is outside a smaller vocabulary
+            eos = task.info["eos_id"] if task is not None else None
+            extra.update(bos_token_id=eos, eos_token_id=eos)
     model, weights = build_model(cfg, allow_random_fallback=cfg.dry_run, **extra)
     model.to(device)
     log.info(f"model {cfg.model.name}: {weights}")
@@ -259,7 +272,7 @@ def run(cfg, skip_existing: bool = False) -> dict:
     completed, history = True, []
     if task is not None:
         metrics.update({f"converted_{k}": v for k, v in task.evaluate(model).items() if k == task.metric})
-        logger = Logger(cfg, run_dir)
+        logger = Logger(cfg if distributed.is_main() else OmegaConf.create({"logger": {"name": "none"}}), run_dir)
         try:
             outcome = train(model, task.train_set, task.loss, task.evaluate, plain(cfg.train), seed=cfg.seed,
                             device=device, checkpoint=run_dir / "checkpoint.pt", resume=cfg.resume,
@@ -279,11 +292,12 @@ def run(cfg, skip_existing: bool = False) -> dict:
         "weight": kind, "budget": budget, "seed": cfg.seed, "dry_run": bool(cfg.dry_run),
         "weights": weights, "metrics": metrics,
         "flops": flop_report(model, cfg.data.get("block_size") if family == "gpt2" else None),
-        "layers": per_layer_report(model), "history": history,
+        "layers": per_layer_report(model), "history": history, "world_size": distributed.world_size(),
         "time_s": round(time.time() - start_time, 2), "versions": versions(),
         "config": plain(cfg), "completed": completed,
     }
-    write_json(run_dir / "results.json", result)
-    log.info(f"results: {run_dir / 'results.json'}")
-    print(summary_table(result), flush=True)
+    if distributed.is_main():
+        write_json(run_dir / "results.json", result)
+        log.info(f"results: {run_dir / 'results.json'}")
+        print(summary_table(result), flush=True)
     return result

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gblr import distributed
 from gblr.budget import project_widths, soft_threshold_widths, uniform_project_widths
 from gblr.layers import GBLRLinear
 from gblr.report import save_checkpoint
@@ -142,6 +143,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def signal_name(signum) -> str:
+    return signal.Signals(signum).name if signum is not None else "stop request (another rank)"
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
 
@@ -169,9 +174,12 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
     """
     g = settings.get
     epochs, accum, batch_size = g("epochs"), g("grad_accum", 1), g("batch_size")
-    micro_batch = batch_size // accum
-    if micro_batch < 1 or batch_size % accum:
-        raise ValueError(f"train.batch_size {batch_size} must be a positive multiple of train.grad_accum {accum}")
+    rank, world = distributed.rank(), distributed.world_size()
+    if batch_size % (accum * world):
+        raise ValueError(f"train.batch_size {batch_size} (the global batch) must be a multiple of "
+                         f"train.grad_accum {accum} x {world} processes")
+    per_rank, micro_batch = batch_size // world, batch_size // (world * accum)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
     structure_lr = g("structure_lr") or g("lr")
     optimizer = torch.optim.AdamW(param_groups(model, g("lr"), g("weight_decay", 0.0), structure_lr),
                                   betas=(0.9, 0.999))
@@ -194,10 +202,15 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
         log(f"resumed from {checkpoint} after {where} of {epochs} epochs")
 
     def save(epoch_done: int, position: dict | None = None) -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                          "scaler": scaler.state_dict(), "epoch": epoch_done, "history": history,
                                          "position": position})
+        distributed.barrier()
+
+    def anywhere(flag: bool) -> bool:
+        """Whether any rank raised the flag: all ranks take the same branch."""
+        return distributed.all_sum(float(flag))[0] > 0 if world > 1 else flag
 
     bad_steps = 0
     with StopRequest() as stop:
@@ -211,9 +224,11 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
                 first_step, loss_sum, micro_steps = position["step"], position["loss_sum"], position["micro_steps"]
                 set_rng_state(position["rng"])
                 position = None
-            loader = torch.utils.data.DataLoader(
-                train_set, batch_size=micro_batch, sampler=order[first_step * batch_size: steps_per_epoch * batch_size].tolist(),
-                num_workers=g("num_workers", 0), collate_fn=collate_fn)
+            # Global batch s is order[s B:(s + 1) B]; rank r takes its r-th slice of every one.
+            batches = order[: steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)
+            mine = batches[first_step:, rank * per_rank:(rank + 1) * per_rank].flatten().tolist()
+            loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=mine,
+                                                 num_workers=g("num_workers", 0), collate_fn=collate_fn)
             if budget is not None:
                 budget.start_epoch(epoch, epochs)
             model.train()
@@ -221,9 +236,9 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
                        total=steps_per_epoch * accum, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
             for i, batch in enumerate(bar, start=first_step * accum):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = loss_fn(model, batch)
+                    loss = loss_fn(net, batch)
                 step_in_epoch = i // accum
-                if not torch.isfinite(loss):
+                if anywhere(not torch.isfinite(loss)):
                     bad_steps += 1
                     if bad_steps > g("max_bad_steps", 0):
                         kept = f"the last good checkpoint, {checkpoint} (epoch {len(history)}), is kept" \
@@ -250,15 +265,16 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
                 if budget is not None:
                     budget.after_step(structure_lr * factor)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                if stop.signum is not None and step_in_epoch + 1 < steps_per_epoch:
+                if anywhere(stop.signum is not None) and step_in_epoch + 1 < steps_per_epoch:
                     bar.close()
                     save(epoch, {"step": step_in_epoch + 1, "loss_sum": loss_sum, "micro_steps": micro_steps,
                                  "rng": rng_state()})
-                    log(f"{signal.Signals(stop.signum).name}: checkpoint written at epoch {epoch + 1}, step "
+                    log(f"{signal_name(stop.signum)}: checkpoint written at epoch {epoch + 1}, step "
                         f"{step_in_epoch + 1}; resume=true continues from {checkpoint}")
                     return {"history": history, "completed": False, "preempted": True}
             bar.close()
-            metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, micro_steps), **evaluate(model)}
+            loss_total, loss_count = distributed.all_sum(loss_sum, micro_steps)
+            metrics = {"epoch": epoch + 1, "train_loss": loss_total / max(1, loss_count), **evaluate(model)}
             if budget is not None and budget.layers:
                 metrics["replaced_macs_per_token"] = sum(layer.macs_per_token() for layer in budget.layers)
             history.append(metrics)
@@ -267,8 +283,8 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
             log(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"))
             save(epoch + 1)
-            if stop.signum is not None and epoch + 1 < epochs:
-                log(f"{signal.Signals(stop.signum).name}: checkpoint written after epoch {epoch + 1}; "
+            if anywhere(stop.signum is not None) and epoch + 1 < epochs:
+                log(f"{signal_name(stop.signum)}: checkpoint written after epoch {epoch + 1}; "
                     f"resume=true continues from {checkpoint}")
                 return {"history": history, "completed": False, "preempted": True}
             if g("stop_after") is not None and epoch + 1 >= g("stop_after") and epoch + 1 < epochs:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gblr import distributed
 from gblr.data import default_cache_dir
 
 WIKITEXT_CONFIG = "wikitext-103-raw-v1"
@@ -423,7 +424,7 @@ def evaluate_perplexity(model, tokens, block_size, batch_size, stride=None, devi
         raise ValueError(
             f"stride={stride} must be in [1, block_size={block_size}); use stride=None for non-overlapping blocks"
         )
-    windows = _eval_windows(n, block_size, stride)
+    windows = _eval_windows(n, block_size, stride)[distributed.rank()::distributed.world_size()]
     was_training = model.training
     model.eval()
     nll_sum, count = 0.0, 0
@@ -440,6 +441,8 @@ def evaluate_perplexity(model, tokens, block_size, batch_size, stride=None, devi
         nll_sum += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         count += int((targets != -100).sum())
     model.train(was_training)
+    nll_sum, count = distributed.all_sum(nll_sum, count)  # under torchrun each rank scored a share
+    count = int(count)
     return {
         "ppl": float(np.exp(nll_sum / count)),
         "nll_sum": nll_sum,

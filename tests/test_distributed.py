@@ -1,0 +1,35 @@
+"""Data parallel under torchrun (issue 6): 2 CPU processes (gloo) match one process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SETTINGS = ["start.epochs=2", "train.epochs=1", "train.batch_size=64", "weight=gblr"]
+
+
+def launch(prefix, out, cache_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*prefix, "run.py", f"out_dir={out}", f"cache_dir={cache_dir}", *SETTINGS], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.e2e
+def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(tmp_path, cache_dir):
+    single = launch([sys.executable], tmp_path / "single", cache_dir)
+    ddp = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                 tmp_path / "ddp", cache_dir)
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    # Same data per global step, gradients averaged, evaluation sums reduced: equal up to float
+    # summation order, i.e. at most one of the 360 validation images may flip.
+    for key in ["top1", "top5", "start_top1"]:
+        assert abs(ddp["metrics"][key] - single["metrics"][key]) <= 100 / 360 + 1e-9
+    assert ddp["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"], rel=1e-3)
+    assert ddp["flops"]["replaced"] <= 0.3
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.suffix in (".json", ".pt")) == \
+        ["checkpoint.pt", "results.json"]  # one results file, written by rank 0
