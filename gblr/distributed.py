@@ -11,8 +11,23 @@ import torch
 import torch.distributed as dist
 
 
+def _from_submitit() -> None:
+    """Inside a multi-task submitit (Slurm) job, set the variables torchrun would have set."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks > 1:
+        os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank),
+                          WORLD_SIZE=str(env.num_tasks), MASTER_ADDR=env.hostnames[0],
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + int(env.job_id.split("_")[0]) % 1000)))
+
+
 def setup(device_name: str) -> torch.device:
-    """Join the process group when launched by torchrun; return this rank's device."""
+    """Join the process group when launched by torchrun (or a multi-task submitit job); return
+    this rank's device."""
+    _from_submitit()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():

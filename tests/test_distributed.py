@@ -33,3 +33,15 @@ def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(tmp
     assert ddp["flops"]["replaced"] <= 0.3
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.suffix in (".json", ".pt")) == \
         ["checkpoint.pt", "results.json"]  # one results file, written by rank 0
+
+
+def test_a_multirun_through_the_submitit_local_launcher_finds_both_results(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "run.py", "-m", "launcher=local", "weight=lowrank,monarch", "dry_run=true",
+                           f"cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+    assert sorted(results) == ["lowrank-b0.3-s0", "monarch-b0.3-s0"]
+    assert all(r["flops"]["replaced"] <= 0.3 for r in results.values())
+    assert (sweep / ".submitit").is_dir()  # the jobs went through submitit, not the basic launcher
