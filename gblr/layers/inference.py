@@ -6,9 +6,9 @@ apply the same matrix, chosen per layer by measurement (``mode="auto"``):
 
 - ``blocks``: components sorted by interval start and grouped greedily while the group's covering
   interval wastes at most ``slack`` times the members' own widths; each group is one small dense
-  GEMM on a slice of x (step 1, z = V x) or into a slice of y (step 2, y = U z). Wrap-around
-  intervals read a copy of x extended by its head, and write into y extended by a tail that is
-  folded back. Its cost follows ``macs_per_token()`` up to the padding of the groups.
+  GEMM on a slice of x (step 1, z = V x) or into a slice of y (step 2, y = U z); a group that wraps
+  around the end of an axis is split in two slices, so nothing is copied. Its cost follows
+  ``macs_per_token()`` up to the padding of the groups.
 - ``lowrank``: the active components' masked factors as two thin GEMMs (K_active r (in + out)).
 - ``dense``: the hard W itself (in * out).
 """
@@ -72,7 +72,6 @@ class GBLRInference(StructuredLinear):
             V = (layer.V * m_in[:, None, :])[active]  # (Ka, r, in)
         self.weights = nn.ParameterList()
         self.in_slices, self.out_slices, self.zperm = [], [], None
-        self.in_extra = self.out_extra = 0
         if mode == "dense":
             self.weights.append(_frozen(torch.einsum("kor,kri->oi", U, V)))
         elif mode == "lowrank":
@@ -95,11 +94,10 @@ class GBLRInference(StructuredLinear):
                 z_position[k] = len(z_position)
             self.weights.append(_frozen(block.reshape(len(members) * r, hi - lo)))
             self.in_slices.append((lo, hi))
-            self.in_extra = max(self.in_extra, hi - n_in)
         out_groups = group_intervals(loc_out, a, slack)
         order = [z_position[k] * r + j for members, _, _ in out_groups for k in members for j in range(r)]
         if order != list(range(len(order))):
-            self.zperm = torch.tensor(order)
+            self.zperm = torch.tensor(order, device=U.device)  # index_select needs it on z's device
         for members, lo, hi in out_groups:
             block = U.new_zeros(hi - lo, len(members), r)
             for m, k in enumerate(members):
@@ -107,7 +105,6 @@ class GBLRInference(StructuredLinear):
                 block[loc_out[k] - lo: loc_out[k] - lo + a[k], m, :] = U[k][idx, :]
             self.weights.append(_frozen(block.reshape(hi - lo, len(members) * r)))
             self.out_slices.append((lo, hi))
-            self.out_extra = max(self.out_extra, hi - n_out)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -125,20 +122,30 @@ class GBLRInference(StructuredLinear):
         elif not self.in_slices:
             y = x.new_zeros(x.shape[0], n_out)
         else:
-            if self.in_extra > 0:
-                x = torch.cat([x, x[:, : self.in_extra]], dim=1)
             nin = len(self.in_slices)
-            z = torch.cat([F.linear(x[:, lo:hi], w) for (lo, hi), w in zip(self.in_slices, self.weights[:nin])], 1)
+            zs = []
+            for (lo, hi), w in zip(self.in_slices, self.weights[:nin]):
+                if hi <= n_in:
+                    zs.append(F.linear(x[:, lo:hi], w))
+                else:  # the group wraps around the end of the input axis: two slices, no copy of x
+                    zs.append(F.linear(x[:, lo:], w[:, : n_in - lo]) + F.linear(x[:, : hi - n_in], w[:, n_in - lo:]))
+            z = zs[0] if len(zs) == 1 else torch.cat(zs, 1)
             if self.zperm is not None:
                 z = z.index_select(1, self.zperm)
-            y = z.new_zeros(z.shape[0], n_out + max(self.out_extra, 0))
-            column = 0
+            y, column = None, 0
             for (lo, hi), w in zip(self.out_slices, self.weights[nin:]):
-                y[:, lo:hi] += F.linear(z[:, column: column + w.shape[1]], w)
-                column += w.shape[1]
-            if self.out_extra > 0:
-                y[:, : self.out_extra] += y[:, n_out:]
-                y = y[:, :n_out]
+                zc, column = z[:, column: column + w.shape[1]], column + w.shape[1]
+                if y is None and (lo, hi) == (0, n_out):
+                    y = F.linear(zc, w)  # one full-width group (e.g. a low-rank structure) writes y directly
+                    continue
+                if y is None:
+                    y = z.new_zeros(z.shape[0], n_out)
+                w = w.to(zc.dtype)  # in-place ops are not autocast: match z (bf16 under autocast)
+                if hi <= n_out:
+                    y[:, lo:hi].addmm_(zc, w.T)
+                else:  # wraps around the end of the output axis
+                    y[:, lo:].addmm_(zc, w[: n_out - lo].T)
+                    y[:, : hi - n_out].addmm_(zc, w[n_out - lo:].T)
         return y.reshape(*lead, n_out)
 
     def macs_per_token(self) -> int:

@@ -91,10 +91,11 @@ class MonarchLinear(StructuredLinear):
         if b * p != self.in_features:
             x = F.pad(x, (0, b * p - self.in_features))
         n = x.shape[0]
-        h = torch.bmm(x.view(n, b, p).transpose(0, 1), self.R.transpose(1, 2))  # (b, n, q)
-        h = h.transpose(0, 1).reshape(n, q, b).permute(2, 0, 1)  # block j reads middle m = t' b + j
-        y = torch.bmm(h, self.L.transpose(1, 2)).transpose(0, 1).reshape(n, b * s)
-        return y[:, : self.out_features].reshape(*lead, self.out_features)
+        # Features first, tokens last: the fixed shuffle is then a view, not a copy.
+        h = torch.bmm(self.R, x.T.reshape(b, p, n))  # (b, q, n): middle m = i q + t
+        h = h.view(q, b, n).transpose(0, 1)  # (b, q, n): block j reads middle m = t' b + j
+        y = torch.bmm(self.L, h).view(b * s, n)
+        return y[: self.out_features].T.reshape(*lead, self.out_features)
 
     def macs_per_token(self) -> int:
         return monarch_macs(self.in_features, self.out_features, self.nblocks)
