@@ -144,14 +144,19 @@ def build_model(cfg, allow_random_fallback: bool, **kwargs):
     raise ValueError(f"model.family must be 'vit' or 'gpt2', got {m['family']!r}")
 
 
-def dense_start(cfg, task, model, device) -> dict:
+# The train.* settings a dense start also uses; the others (structure_lr, stop_after, epochs, ...)
+# belong to fine-tuning and must not change the cache key.
+START_TRAIN_KEYS = ("grad_accum", "min_lr", "clip_grad", "amp", "label_smoothing", "mixup", "cutmix", "drop_path")
+
+
+def dense_start(cfg, task, model, device) -> dict | None:
     """Train the dense starting model (no pretrained weights), or load it from the cache.
 
-    The cache key is the model, data, seed and start settings, so every weight type and budget of
-    a sweep starts from the same dense model. Returns the start's metrics.
+    The cache key is the model, data, seed and the settings the start is trained with, so every
+    weight type and budget of a sweep starts from the same dense model. Returns the start's
+    metrics, or None when a preemption signal stopped its training (nothing is cached then).
     """
-    settings = {**plain(cfg.train), **plain(cfg.start), "structure_lr": None, "stop_after": None,
-                "label_smoothing": cfg.train.label_smoothing}
+    settings = {**{k: cfg.train.get(k) for k in START_TRAIN_KEYS}, **plain(cfg.start)}
     key = json.dumps({"model": plain(cfg.model), "data": plain(cfg.data), "seed": cfg.seed, "start": settings},
                      sort_keys=True, default=str)
     path = (Path(cfg.cache_dir).expanduser() / "starts"
@@ -162,8 +167,11 @@ def dense_start(cfg, task, model, device) -> dict:
         log.info(f"dense start loaded from {path}")
         return state["metrics"]
     log.info(f"training the dense start ({settings['epochs']} epochs); cached at {path}")
-    train(model, task.train_set, task.loss, task.evaluate, settings, seed=cfg.seed, device=device,
-          log=log.info, desc="dense start")
+    outcome = train(model, task.train_set, task.loss, task.evaluate,
+                    {**settings, "num_workers": cfg.train.num_workers},
+                    seed=cfg.seed, device=device, log=log.info, desc="dense start")
+    if not outcome["completed"]:
+        return None
     metrics = task.evaluate(model)
     if distributed.is_main():
         save_checkpoint(path, {"model": model.state_dict(), "metrics": metrics, "key": key})
@@ -258,7 +266,10 @@ def run(cfg, skip_existing: bool = False) -> dict:
         if cfg.model.pretrained:
             metrics.update({f"start_{k}": v for k, v in task.evaluate(model).items()})
         else:
-            metrics.update({f"start_{k}": v for k, v in dense_start(cfg, task, model, device).items()})
+            start = dense_start(cfg, task, model, device)
+            if start is None:  # preempted while training the dense start: rerun to train it again
+                return {"completed": False, "run_dir": str(run_dir), "history": []}
+            metrics.update({f"start_{k}": v for k, v in start.items()})
 
     options = {k: v for k, v in plain(cfg.weight.get("options")).items() if v is not None}
     replace_layers(model, cfg.weight.targets, kind, budget, **options)
