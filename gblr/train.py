@@ -54,12 +54,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, structure_lr:
     return [g for g in groups if g["params"]]
 
 
-def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from 1 down to ``floor`` at ``total``."""
+SCHEDULES = ("cosine", "linear")
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float, schedule: str = "cosine") -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine (or linear) decay from 1 to ``floor`` at ``total``."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return floor + (1 - floor) * decay
 
 
 class WidthBudget:
@@ -162,7 +166,7 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
           log=print, report=None, desc: str = "train", collate_fn=None) -> dict:
     """Train ``model`` in place; return {"history": [per-epoch metrics], "completed": bool, "preempted": bool}.
 
-    settings: epochs, batch_size, grad_accum, lr, structure_lr, min_lr, warmup_epochs,
+    settings: epochs, batch_size, grad_accum, lr, structure_lr, min_lr, warmup_epochs, schedule,
     weight_decay, clip_grad, amp, num_workers, stop_after, max_bad_steps (configs/config.yaml: train).
     loss_fn(model, batch) -> scalar loss; evaluate(model) -> dict of metrics.
     checkpoint: written atomically after every epoch, and mid-epoch on SIGTERM / SIGUSR1 (then
@@ -190,6 +194,9 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
         raise ValueError(f"train.batch_size {batch_size} is larger than the training set ({len(train_set)})")
     total, warmup = epochs * steps_per_epoch, round(g("warmup_epochs", 0) * steps_per_epoch)
     floor = g("min_lr", 0.0) / g("lr")
+    schedule = g("schedule", "cosine")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {schedule!r}")
 
     history, start_epoch, position = [], 0, None
     if resume and checkpoint is not None and checkpoint.exists():
@@ -253,7 +260,7 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
                 loss_sum, micro_steps = loss_sum + loss.item(), micro_steps + 1
                 if (i + 1) % accum:
                     continue
-                factor = lr_factor(epoch * steps_per_epoch + step_in_epoch, total, warmup, floor)
+                factor = lr_factor(epoch * steps_per_epoch + step_in_epoch, total, warmup, floor, schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
                 if g("clip_grad"):
