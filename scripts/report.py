@@ -278,14 +278,18 @@ def plot_metric(rows, starts, metric: str, conv: str, path: Path) -> bool:
         q1, q3 = values[len(values) // 4], values[3 * len(values) // 4]
         spread = max(q3 - q1, 0.01 * abs(q3))
         if values[0] < q1 - 3 * spread or values[-1] > q3 + 3 * spread:  # a far outlier would squash the rest
-            inside = [v for v in values if q1 - 3 * spread <= v <= q3 + 3 * spread]
-            pad = 0.15 * (max(inside) - min(inside)) + 1e-9
-            lo, hi = min(inside) - pad, max(inside) + pad
-            ax.set_ylim(lo, hi)  # and the outlier is drawn at the edge, labelled
-            for r in (r for r in group if not lo <= r["mean"] <= hi):
-                edge = lo if r["mean"] < lo else hi
-                ax.annotate(f"{r['weight']} at {r['mean']:.3g}\n(off the scale)", (100 * r[f"flops_{conv}"], edge), fontsize=8,
-                            xytext=(6, 8 if edge == lo else -20), textcoords="offset points", arrowprops={"arrowstyle": "->"})
+            keep = lambda v: q1 - 3 * spread <= v <= q3 + 3 * spread  # noqa: E731
+            # The range covers the kept points with their error bars, and the dense start.
+            ends = [e for r in group if keep(r["mean"]) for e in (r["mean"] - (r["std"] or 0), r["mean"] + (r["std"] or 0))]
+            ends += [v for v in values if keep(v)]
+            pad = 0.08 * (max(ends) - min(ends)) + 1e-9
+            lo, hi = min(ends) - pad, max(ends) + pad
+            ax.set_ylim(lo, hi)  # the outliers are listed in one note instead, so no labels collide
+            off = [r for r in group if not lo <= r["mean"] <= hi]
+            note = "off the scale: " + "; ".join(f"{r['weight']} {r['mean']:.3g} at {100 * r[f'flops_{conv}']:.0f}%"
+                                                  for r in sorted(off, key=lambda r: r[f"flops_{conv}"]))
+            ax.text(0.99, 0.02, note, transform=ax.transAxes, ha="right", va="bottom", fontsize=8,
+                    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
         seeds = max(r["n_seeds"] for r in rows if (r["model"], r["data"]) == (model, data))
         ax.set(xlabel=f"relative MACs, {CONVENTIONS[conv]} (% of dense; 1 MAC = 2 FLOPs)", ylabel=METRICS[metric])
         ax.set_title(f"{model} on {data} (mean ± std over {seeds} seed{'s' * (seeds > 1)})", fontsize=10)
