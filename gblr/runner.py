@@ -245,11 +245,8 @@ def run(cfg, skip_existing: bool = False) -> dict:
     if not cfg.dry_run:  # data first: a missing dataset fails before any model is built or downloaded
         if family == "vit":
             task = VisionTask(cfg, device)
-        else:
-            from gblr.models import GPT2_TINY
-            positions = cfg.model.get("kwargs", {}).get("n_positions") or (
-                GPT2_TINY["n_positions"] if cfg.model.name == "gpt2_tiny" else 1024)
-            task = TextTask(cfg, device, positions)
+        else:  # the context: the config's n_positions, else GPT-2's 1024
+            task = TextTask(cfg, device, max_positions=plain(cfg.model.get("kwargs")).get("n_positions") or 1024)
     if family == "vit":
         extra = {"num_classes": cfg.data.num_classes}
     else:
