@@ -8,7 +8,8 @@ the layers compete for one total: the model decides where the MACs go.
 """
 import torch
 
-from .layers.gblr import GBLRLinear
+from .layers.gaudi import hard_widths
+from .layers.gblr import GBLRLinear, component_macs
 
 
 def _prices(layers: list[GBLRLinear]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,9 +47,8 @@ def project_widths(layers: list[GBLRLinear], max_macs: float, iterations: int = 
     dtype = layers[0].widths.dtype
 
     def cost(tau: float) -> int:
-        w = (widths - tau * prices).clamp(0, 1).to(dtype).double()
-        a, b = torch.round(w * sizes).clamp_min(0).long()
-        return int(torch.minimum(ranks * (a + b), a * b).sum())
+        a, b = hard_widths((widths - tau * prices).clamp(0, 1).to(dtype), sizes)
+        return int(component_macs(a, b, ranks).sum())
 
     if cost(0.0) <= max_macs:
         return 0.0

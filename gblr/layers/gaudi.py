@@ -9,12 +9,14 @@ import math
 import torch
 
 
-def hard_widths(widths: torch.Tensor, n: int) -> torch.Tensor:
-    """Whole-element widths ``clamp(round(w n), 0, n)`` (int64) of normalized widths ``w``.
+def hard_widths(widths: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+    """Whole-element widths ``clamp(round(w n), 0, n)`` (int64) of normalized widths ``w``; ``n`` an
+    axis length, or a tensor of them broadcasting with ``widths``.
 
     This is the one rounding rule: the mask's forward pass and every MAC count use it.
     """
-    return torch.round(widths.detach().double() * n).clamp(0, n).long()
+    n = torch.as_tensor(n, dtype=torch.float64, device=widths.device)
+    return torch.minimum(torch.round(widths.detach().double() * n).clamp_min(0), n).long()
 
 
 def hard_locations(locations: torch.Tensor, n: int) -> torch.Tensor:

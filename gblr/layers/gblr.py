@@ -20,6 +20,12 @@ from .gaudi import gaudi_mask, hard_widths
 from .lowrank import lowrank_rank
 
 
+def component_macs(a: torch.Tensor, b: torch.Tensor, rank) -> torch.Tensor:
+    """MACs per token of components of hard widths a (output) and b (input): min(r (a + b), a b),
+    which is 0 when either width is 0 (SPEC §3)."""
+    return torch.minimum(rank * (a + b), a * b)
+
+
 @register("gblr")
 class GBLRLinear(StructuredLinear):
     """y = W x + b with W the GBLR matrix above; ``sigma`` (DFT bins) softens the masks, None = hard."""
@@ -65,9 +71,7 @@ class GBLRLinear(StructuredLinear):
         return hard_widths(self.widths[0], self.out_features), hard_widths(self.widths[1], self.in_features)
 
     def macs_per_token(self) -> int:
-        a, b = self.hard_structure()
-        cost = torch.minimum(self.rank * (a + b), a * b)  # a * b = 0 when either width is 0
-        return int(cost.sum())
+        return int(component_macs(*self.hard_structure(), self.rank).sum())
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -71,7 +71,8 @@ class GBLRInference(StructuredLinear):
             U = (layer.U * m_out[:, :, None])[active]  # (Ka, out, r)
             V = (layer.V * m_in[:, None, :])[active]  # (Ka, r, in)
         self.weights = nn.ParameterList()
-        self.in_slices, self.out_slices, self.zperm = [], [], None
+        self.in_slices, self.out_slices = [], []
+        self.register_buffer("zperm", None)  # the permutation of z between the two steps, if any
         if mode == "dense":
             self.weights.append(_frozen(torch.einsum("kor,kri->oi", U, V)))
         elif mode == "lowrank":
@@ -97,7 +98,7 @@ class GBLRInference(StructuredLinear):
         out_groups = group_intervals(loc_out, a, slack)
         order = [z_position[k] * r + j for members, _, _ in out_groups for k in members for j in range(r)]
         if order != list(range(len(order))):
-            self.zperm = torch.tensor(order, device=U.device)  # index_select needs it on z's device
+            self.zperm = torch.tensor(order, device=U.device)  # a buffer: it follows the module's device
         for members, lo, hi in out_groups:
             block = U.new_zeros(hi - lo, len(members), r)
             for m, k in enumerate(members):
@@ -105,12 +106,6 @@ class GBLRInference(StructuredLinear):
                 block[loc_out[k] - lo: loc_out[k] - lo + a[k], m, :] = U[k][idx, :]
             self.weights.append(_frozen(block.reshape(hi - lo, len(members) * r)))
             self.out_slices.append((lo, hi))
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.zperm is not None:
-            self.zperm = fn(self.zperm)  # keep the index on the weights' device
-        return self
 
     def apply_weight(self, x):
         lead, n_in, n_out = x.shape[:-1], self.in_features, self.out_features
