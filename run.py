@@ -15,6 +15,10 @@ from hydra.types import RunMode
 from gblr import distributed
 from gblr.runner import run
 
+# Exit codes by kind of failure: 2 = bad input (nothing written), 3 = a diverged run (the last
+# good checkpoint stays). Anything else is a bug: its traceback is shown.
+EXIT_CODES = {ValueError: 2, FileNotFoundError: 2, FloatingPointError: 3}
+
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "configs"), config_name="config")
 def main(cfg):
@@ -23,31 +27,19 @@ def main(cfg):
         result = run(cfg, skip_existing=multirun)
         distributed.teardown()
         return result
-    except (ValueError, FileNotFoundError) as error:  # bad input: one line, non-zero exit, nothing written
-        if os.environ.get("GBLR_DEBUG"):
-            raise
-        if multirun:
-            return job_failed(error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as error:  # a diverged run: say where; the last good checkpoint stays
-        if multirun:
-            return job_failed(error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(3)
     except Exception as error:
-        if not multirun:
+        if multirun:  # keep the reason in the job's folder and let the sweep go on
+            path = os.path.join(HydraConfig.get().runtime.output_dir, "error.txt")
+            with open(path, "w") as f:
+                f.write("".join(traceback.format_exception(error)))
+            print(f"error: job {HydraConfig.get().job.num} failed ({type(error).__name__}: {error}); see {path}",
+                  file=sys.stderr)
+            return None
+        code = next((c for kind, c in EXIT_CODES.items() if isinstance(error, kind)), None)
+        if code is None or os.environ.get("GBLR_DEBUG"):
             raise
-        return job_failed(error)
-
-
-def job_failed(error: Exception) -> None:
-    """Keep a failed job's reason in its folder and let the sweep go on."""
-    path = os.path.join(HydraConfig.get().runtime.output_dir, "error.txt")
-    with open(path, "w") as f:
-        f.write("".join(traceback.format_exception(error)))
-    print(f"error: job {HydraConfig.get().job.num} failed ({type(error).__name__}: {error}); see {path}",
-          file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

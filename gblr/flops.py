@@ -169,3 +169,14 @@ def per_layer_report(model: nn.Module) -> list[dict]:
              "relative": layer.macs_per_token() / layer.dense_macs_per_token(),
              "projection_error": layer.projection_error}
             for name, layer in structured_layers(model)]
+
+
+def flop_report(model: nn.Module, tokens: int | None = None) -> dict:
+    """The FLOP block of results.json: counts in MACs and the three relative conventions
+    (``replaced`` is 1.0 for a model without structured layers)."""
+    macs = count_macs(model, tokens)
+    return {"unit": macs["unit"], "tokens": macs["tokens"], "macs": macs["macs"], "dense_macs": macs["dense_macs"],
+            "replaced_macs": macs["replaced_macs"], "replaced_dense_macs": macs["replaced_dense_macs"],
+            "replaced": macs["relative_replaced"] if macs["relative_replaced"] is not None else 1.0,
+            "model": macs["relative_model"], "paper": macs["relative_paper"],
+            "paper_convention": macs["paper_convention"]}

@@ -50,7 +50,7 @@ def versions() -> dict:
 def summary_table(result: dict) -> str:
     """A small plain-text table: dense start vs result, metric and relative FLOPs (MACs)."""
     metrics, flops = result["metrics"], result["flops"]
-    if "ppl" in metrics or result.get("config", {}).get("model", {}).get("family") == "gpt2":
+    if result.get("metric", "ppl" if "ppl" in metrics else "top1") == "ppl":
         name, start, end, fmt = "val perplexity", metrics.get("start_ppl"), metrics.get("ppl"), "{:.2f}"
     else:
         name, start, end, fmt = "val top-1 (%)", metrics.get("start_top1"), metrics.get("top1"), "{:.2f}"

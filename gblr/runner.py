@@ -1,7 +1,9 @@
-"""One experiment: dense start -> structured layers under a budget -> fine-tune -> report.
+"""One experiment: data -> model -> dense start -> structured layers under a budget -> fine-tune -> report.
 
 ``run(cfg) -> dict`` takes the composed config (configs/config.yaml) and writes ``results.json``
-in the run directory. Tests call it directly; run.py is a thin Hydra entry point over it.
+in the run directory. Tests call it directly; run.py is a thin Hydra entry point over it. What
+differs between model families (data, model, loss, evaluation) is the task's (``gblr.tasks``),
+chosen by the model config; what holds the FLOP budget is ``gblr.budget.Budget``.
 """
 import hashlib
 import json
@@ -10,209 +12,18 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from torch.nn import functional as F
 
 from gblr import distributed
-from gblr.flops import count_macs, per_layer_report
+from gblr.budget import Budget, check_mode
+from gblr.flops import flop_report, per_layer_report
 from gblr.layers import check_budget, layer_class
 from gblr.report import save_checkpoint, summary_table, versions, write_json
 from gblr.surgery import replace_layers
-from gblr.train import WidthBudget, train
+from gblr.tasks import build_task, plain
+from gblr.tracking import Logger
+from gblr.train import param_groups, train
 
 log = logging.getLogger("gblr")
-
-
-def resolve_run_dir(cfg) -> Path:
-    if cfg.get("out_dir"):
-        return Path(cfg.out_dir).expanduser()
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except (ImportError, ValueError):
-        return Path("outputs") / f"{cfg.model.name}-{cfg.data.name}" / f"{cfg.weight.kind}-b{cfg.budget}-s{cfg.seed}"
-
-
-def plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
-
-
-# --- the two tasks: images (top-1 / top-5) and language (perplexity) ------------------------------
-
-class VisionTask:
-    """ViT on an image folder (ImageNet or the embedded digits): cross-entropy, top-1 / top-5."""
-
-    metric, higher_is_better = "top1", True
-
-    def __init__(self, cfg, device):
-        from gblr.data.vision import build_vision_data
-
-        d = plain(cfg.data)
-        extra = {k: d[k] for k in ("auto_augment", "re_prob", "crop_pct", "interpolation") if k in d}
-        mean_std = {k: tuple(d[k]) for k in ("mean", "std") if d.get(k)}
-        self.train_set, self.val_set, self.info = build_vision_data(
-            d["name"], root=d.get("root"), cache_dir=Path(cfg.cache_dir).expanduser(), img_size=d.get("img_size"), **mean_std, **extra)
-        self.device, self.t = device, cfg.train
-        self.label_smoothing = cfg.train.label_smoothing
-        self.mixup = None
-        if cfg.train.mixup or cfg.train.cutmix:
-            from timm.data import Mixup
-
-            self.mixup = Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix,
-                               label_smoothing=cfg.train.label_smoothing, num_classes=self.info["num_classes"])
-
-    def loss(self, model, batch):
-        x, y = (t.to(self.device, non_blocking=True) for t in batch)
-        if self.mixup is not None and model.training:
-            x, soft = self.mixup(x, y)
-            return torch.sum(-soft * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
-        return F.cross_entropy(model(x).float(), y, label_smoothing=self.label_smoothing)
-
-    @torch.no_grad()
-    def evaluate(self, model) -> dict:
-        was_training = model.training
-        model.eval()
-        shard = torch.utils.data.Subset(self.val_set, range(distributed.rank(), len(self.val_set),
-                                                            distributed.world_size()))
-        loader = torch.utils.data.DataLoader(shard, batch_size=self.t.eval_batch_size, num_workers=self.t.num_workers)
-        correct1 = correct5 = count = 0
-        for x, y in loader:
-            logits = model(x.to(self.device)).float()
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
-            correct1 += int((top[:, 0] == y).sum())
-            correct5 += int((top == y[:, None]).any(-1).sum())
-            count += len(y)
-        model.train(was_training)
-        correct1, correct5, count = distributed.all_sum(correct1, correct5, count)  # sums, not means, across ranks
-        return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count}
-
-    def model_kwargs(self, cfg) -> dict:
-        return {"num_classes": cfg.data.num_classes}
-
-
-class TextTask:
-    """GPT-2 on a token stream (WikiText-103 or the embedded pydoc text): LM loss, perplexity.
-
-    Training sees non-overlapping blocks of data.block_size tokens; evaluation scores the whole
-    validation stream as exp(total token NLL / predicted tokens), in blocks or, with
-    data.eval_stride, sliding windows (gblr.data.text.evaluate_perplexity).
-    """
-
-    metric, higher_is_better = "ppl", False
-
-    def __init__(self, cfg, device, max_positions):
-        from gblr.data.text import TokenBlocks, build_text_data
-
-        d = plain(cfg.data)
-        self.block_size = d["block_size"]
-        train_tokens, self.val_tokens, self.info = build_text_data(
-            d["name"], root=d.get("root"), cache_dir=Path(cfg.cache_dir).expanduser(), tokenizer=d.get("tokenizer"),
-            block_size=self.block_size, vocab_size=d["vocab_size"], max_positions=max_positions)
-        if self.info["vocab_size"] > d["vocab_size"]:  # an id beyond the embedding would fail deep inside the model
-            raise ValueError(f"the tokenizer ({self.info['tokenizer']}) has {self.info['vocab_size']} tokens but "
-                             f"data.vocab_size={d['vocab_size']} embedding rows; set data.vocab_size="
-                             f"{self.info['vocab_size']} (or more)")
-        self.train_set = TokenBlocks(train_tokens, self.block_size)
-        self.device, self.t, self.stride = device, cfg.train, d.get("eval_stride")
-
-    def loss(self, model, batch):
-        ids = batch["input_ids"].to(self.device, non_blocking=True)
-        logits = model(ids).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-    def evaluate(self, model) -> dict:
-        from gblr.data.text import evaluate_perplexity
-
-        result = evaluate_perplexity(model, self.val_tokens, self.block_size, self.t.eval_batch_size,
-                                     stride=self.stride, device=self.device)
-        return {"ppl": result["ppl"], "eval_mode": result["mode"], "eval_tokens": result["tokens"]}
-
-
-def build_model(cfg, allow_random_fallback: bool, **kwargs):
-    """(model, weights note) for cfg.model; kwargs add to the model's own (num_classes, vocab_size)."""
-    from gblr.models import build_gpt2, build_vit
-
-    m = plain(cfg.model)
-    options = {**m.get("kwargs", {}), **kwargs}
-    if m["family"] == "vit":
-        if cfg.train.get("drop_path"):
-            options["drop_path_rate"] = cfg.train.drop_path
-        return build_vit(m["name"], m.get("pretrained"), allow_random_fallback=allow_random_fallback, **options)
-    if m["family"] == "gpt2":
-        return build_gpt2(m["name"], m.get("pretrained"), allow_random_fallback=allow_random_fallback, **options)
-    raise ValueError(f"model.family must be 'vit' or 'gpt2', got {m['family']!r}")
-
-
-# The train.* settings a dense start also uses; the others (structure_lr, stop_after, epochs, ...)
-# belong to fine-tuning and must not change the cache key.
-START_TRAIN_KEYS = ("grad_accum", "min_lr", "clip_grad", "amp", "label_smoothing", "mixup", "cutmix", "drop_path")
-
-
-def dense_start(cfg, task, model, device) -> dict | None:
-    """Train the dense starting model (no pretrained weights), or load it from the cache.
-
-    The cache key is the model, data, seed and the settings the start is trained with, so every
-    weight type and budget of a sweep starts from the same dense model. Returns the start's
-    metrics, or None when a preemption signal stopped its training (nothing is cached then).
-    """
-    settings = {**{k: cfg.train.get(k) for k in START_TRAIN_KEYS}, **plain(cfg.start)}
-    key = json.dumps({"model": plain(cfg.model), "data": plain(cfg.data), "seed": cfg.seed, "start": settings},
-                     sort_keys=True, default=str)
-    path = (Path(cfg.cache_dir).expanduser() / "starts"
-            / f"{cfg.model.name}-{cfg.data.name}-s{cfg.seed}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
-    if path.exists():
-        state = torch.load(path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        log.info(f"dense start loaded from {path}")
-        return state["metrics"]
-    log.info(f"training the dense start ({settings['epochs']} epochs); cached at {path}")
-    outcome = train(model, task.train_set, task.loss, task.evaluate,
-                    {**settings, "num_workers": cfg.train.num_workers},
-                    seed=cfg.seed, device=device, log=log.info, desc="dense start")
-    if not outcome["completed"]:
-        return None
-    metrics = task.evaluate(model)
-    if distributed.is_main():
-        save_checkpoint(path, {"model": model.state_dict(), "metrics": metrics, "key": key})
-    distributed.barrier()
-    return metrics
-
-
-class Logger:
-    """logger=none | wandb: one wandb run per job (finished by ``close``, also in a multirun)."""
-
-    def __init__(self, cfg, run_dir: Path):
-        self.run = None
-        if cfg.logger.name == "wandb":
-            try:
-                import wandb
-            except ImportError as error:
-                raise ValueError("logger=wandb needs the wandb package: pip install wandb") from error
-            self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"),
-                                  mode=cfg.logger.get("mode", "offline"), dir=str(run_dir),
-                                  name=f"{cfg.model.name}-{cfg.data.name}-{run_dir.name}", config=plain(cfg))
-        elif cfg.logger.name != "none":
-            raise ValueError(f"logger must be 'none' or 'wandb', got {cfg.logger.name!r}")
-
-    def log(self, metrics: dict) -> None:
-        if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-
-    def close(self, summary: dict | None = None) -> None:
-        if self.run is not None:
-            if summary:
-                self.run.summary.update(summary)
-            self.run.finish()
-
-
-def flop_report(model, tokens=None) -> dict:
-    macs = count_macs(model, tokens)
-    return {"unit": macs["unit"], "tokens": macs["tokens"], "macs": macs["macs"], "dense_macs": macs["dense_macs"],
-            "replaced_macs": macs["replaced_macs"], "replaced_dense_macs": macs["replaced_dense_macs"],
-            "replaced": macs["relative_replaced"] if macs["relative_replaced"] is not None else 1.0,
-            "model": macs["relative_model"], "paper": macs["relative_paper"],
-            "paper_convention": macs["paper_convention"]}
 
 
 def run(cfg, skip_existing: bool = False) -> dict:
@@ -226,86 +37,144 @@ def run(cfg, skip_existing: bool = False) -> dict:
     start_time = time.time()
     device = distributed.setup(cfg.device)  # under torchrun: this rank's device; only rank 0 writes
     log.setLevel(logging.INFO if distributed.is_main() else logging.WARNING)
-    budget = check_budget(cfg.budget)
-    kind = cfg.weight.kind
-    layer_class(kind)
-    if kind == "dense" and budget < 1:
-        log.info(f"weight=dense ignores budget={budget}: dense layers cost in * out MACs (budget recorded as 1)")
-        budget = 1.0
-    torch.manual_seed(cfg.seed)
+    kind, budget = weight_and_budget(cfg)
     run_dir = resolve_run_dir(cfg)
-    family = cfg.model.family
-    if skip_existing and not cfg.dry_run and (run_dir / "results.json").exists():
-        previous = json.loads((run_dir / "results.json").read_text())
-        if previous.get("completed") and not previous.get("dry_run"):
-            log.info(f"skipping: {run_dir / 'results.json'} exists")
-            return previous
+    if skip_existing and not cfg.dry_run and (previous := finished_result(run_dir)) is not None:
+        return previous
 
-    task = None
-    if not cfg.dry_run:  # data first: a missing dataset fails before any model is built or downloaded
-        if family == "vit":
-            task = VisionTask(cfg, device)
-        else:  # the context: the config's n_positions, else GPT-2's 1024
-            task = TextTask(cfg, device, max_positions=plain(cfg.model.get("kwargs")).get("n_positions") or 1024)
-    if family == "vit":
-        extra = {"num_classes": cfg.data.num_classes}
-    else:
-        extra = {"vocab_size": cfg.data.vocab_size}
-        if cfg.data.vocab_size <= 50256:  # GPT2Config's bos/eos id 50256 is outside a smaller vocabulary
-            eos = task.info["eos_id"] if task is not None else None
-            extra.update(bos_token_id=eos, eos_token_id=eos)
-    model, weights = build_model(cfg, allow_random_fallback=cfg.dry_run, **extra)
+    task = build_task(cfg, device)
+    if not cfg.dry_run:
+        task.load_data()  # a missing dataset fails before any model is built or downloaded
+    torch.manual_seed(cfg.start.seed)
+    model, weights = task.build_model(allow_random_fallback=cfg.dry_run)
     model.to(device)
     log.info(f"model {cfg.model.name}: {weights}")
 
-    metrics = {}
-    if task is not None:
-        if cfg.model.pretrained:
-            metrics.update({f"start_{k}": v for k, v in task.evaluate(model).items()})
-        else:
-            start = dense_start(cfg, task, model, device)
-            if start is None:  # preempted while training the dense start: rerun to train it again
-                return {"completed": False, "run_dir": str(run_dir), "history": []}
-            metrics.update({f"start_{k}": v for k, v in start.items()})
+    metrics, history = {}, []
+    if not cfg.dry_run:
+        start = dense_start(cfg, task, model, device)
+        if start is None:  # preempted while training the dense start: rerun to train it again
+            return {"completed": False, "run_dir": str(run_dir), "history": []}
+        metrics.update({f"start_{k}": v for k, v in start.items()})
 
-    options = {k: v for k, v in plain(cfg.weight.get("options")).items() if v is not None}
-    replace_layers(model, cfg.weight.targets, kind, budget, **options)
+    replace_layers(model, cfg.model.targets, kind, budget, **conversion_options(cfg))
     model.to(device)
-    budget_keeper = None
-    if kind == "gblr":
-        budget_keeper = WidthBudget(model, budget, cfg.weight.budget_mode, cfg.weight.get("penalty", 0.0),
-                                    cfg.weight.get("sigma"), plain(cfg.weight.get("sigma_schedule")) or None)
-        budget_keeper.finish()  # explicit options (rank_ratio) may start above a global budget
-
-    completed, history = True, []
-    if task is not None:
-        metrics.update({f"converted_{k}": v for k, v in task.evaluate(model).items() if k == task.metric})
-        logger = Logger(cfg if distributed.is_main() else OmegaConf.create({"logger": {"name": "none"}}), run_dir)
-        try:
-            outcome = train(model, task.train_set, task.loss, task.evaluate, plain(cfg.train), seed=cfg.seed,
-                            device=device, checkpoint=run_dir / "checkpoint.pt", resume=cfg.resume,
-                            budget=budget_keeper, log=log.info, report=logger.log, desc="fine-tune")
-            completed, history = outcome["completed"], outcome["history"]
-            if not completed:
-                return {"completed": False, "run_dir": str(run_dir), "history": history}
-            if budget_keeper is not None:
-                budget_keeper.finish()
-            metrics.update(task.evaluate(model))  # the hard structure's accuracy / perplexity
-        finally:
-            logger.close(metrics)
+    keeper = Budget(model, budget, mode=cfg.weight.get("budget_mode", "global"),
+                    penalty=cfg.weight.get("penalty", 0.0), sigma=cfg.weight.get("sigma"),
+                    sigma_schedule=plain(cfg.weight.get("sigma_schedule")) or None,
+                    structure_lr=cfg.train.structure_lr or cfg.train.lr)
+    if not cfg.dry_run:
+        outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics)
+        history = outcome["history"]
+        if not outcome["completed"]:
+            return {"completed": False, "run_dir": str(run_dir), "history": history}
 
     result = {
-        "model": cfg.model.name, "data": cfg.data.name,
-        "data_description": task.info["description"] if task else None,
-        "weight": kind, "budget": budget, "seed": cfg.seed, "dry_run": bool(cfg.dry_run),
-        "weights": weights, "metrics": metrics,
-        "flops": flop_report(model, cfg.data.get("block_size") if family == "gpt2" else None),
-        "layers": per_layer_report(model), "history": history, "world_size": distributed.world_size(),
-        "time_s": round(time.time() - start_time, 2), "versions": versions(),
-        "config": plain(cfg), "completed": completed,
+        "model": cfg.model.name, "data": cfg.data.name, "weight": kind, "budget": budget, "seed": cfg.seed,
+        "start_seed": cfg.start.seed, "metric": task.metric, "dry_run": bool(cfg.dry_run),
+        "data_description": task.info["description"] if task.info else None, "weights": weights,
+        "metrics": metrics, "flops": flop_report(model, task.flop_tokens), "layers": per_layer_report(model),
+        "history": history, "world_size": distributed.world_size(), "time_s": round(time.time() - start_time, 2),
+        "versions": versions(), "config": plain(cfg), "completed": True,
     }
     if distributed.is_main():
         write_json(run_dir / "results.json", result)
         log.info(f"results: {run_dir / 'results.json'}")
         print(summary_table(result), flush=True)
     return result
+
+
+def weight_and_budget(cfg) -> tuple[str, float]:
+    """The weight type and the budget it is held to, checked before any data is read."""
+    budget, kind = check_budget(cfg.budget), cfg.weight.kind
+    layer_class(kind)
+    check_mode(cfg.weight.get("budget_mode", "global"))
+    if kind == "dense" and budget < 1:
+        log.info(f"weight=dense ignores budget={budget}: dense layers cost in * out MACs (budget recorded as 1)")
+        budget = 1.0
+    return kind, budget
+
+
+def conversion_options(cfg) -> dict:
+    """weight.options without the unset (null) ones, which mean "the weight type's default"."""
+    return {k: v for k, v in plain(cfg.weight.get("options")).items() if v is not None}
+
+
+def resolve_run_dir(cfg) -> Path:
+    """cfg.out_dir, except in a multirun, where each job has its own folder (hydra.sweep.subdir)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under Hydra (tests call run() directly)
+        pass
+    return Path(cfg.out_dir).expanduser()
+
+
+def finished_result(run_dir: Path) -> dict | None:
+    path = run_dir / "results.json"
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    if previous.get("completed") and not previous.get("dry_run"):
+        log.info(f"skipping: {path} exists")
+        return previous
+    return None
+
+
+def dense_start(cfg, task, model, device) -> dict | None:
+    """The dense starting model: pretrained weights as loaded, or trained here and cached.
+
+    The cache key is the model, the data and every setting the start is trained with (``start``),
+    so every weight type, budget and fine-tune seed of a sweep starts from the same dense model.
+    Returns the start's metrics, or None when a preemption signal stopped its training (nothing is
+    cached then).
+    """
+    if cfg.model.pretrained:
+        return task.evaluate(model)
+    settings = plain(cfg.start)
+    model_cfg = {k: v for k, v in plain(cfg.model).items() if k != "targets"}  # targets do not change the start
+    key = json.dumps({"model": model_cfg, "data": plain(cfg.data),
+                      "start": {k: v for k, v in settings.items() if k != "num_workers"}},
+                     sort_keys=True, default=str)
+    path = (task.cache_dir / "starts"
+            / f"{cfg.model.name}-{cfg.data.name}-s{settings['seed']}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
+    if path.exists():
+        state = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        log.info(f"dense start loaded from {path}")
+        return state["metrics"]
+    log.info(f"training the dense start ({settings['epochs']} epochs); cached at {path}")
+    outcome = train(model, task.train_set, task.loss, task.evaluate, settings,
+                    groups=param_groups(model, settings["lr"], settings["weight_decay"]),
+                    seed=settings["seed"], device=device, log=log.info, desc="dense start")
+    if not outcome["completed"]:
+        return None
+    metrics = task.evaluate(model)
+    if distributed.is_main():
+        save_checkpoint(path, {"model": model.state_dict(), "metrics": metrics, "key": key})
+    distributed.barrier()
+    return metrics
+
+
+def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: dict) -> dict:
+    """Fine-tune the structured model under the budget; add the converted and final metrics to
+    ``metrics`` (the final ones of the hard structure). Returns ``train``'s outcome."""
+    metrics[f"converted_{task.metric}"] = task.evaluate(model)[task.metric]
+    logger = Logger(cfg, run_dir, enabled=distributed.is_main())
+    try:
+        t = cfg.train
+        groups = param_groups(model, t.lr, t.weight_decay, apart=keeper.parameters())
+        if keeper.layers:
+            groups.append(keeper.param_group())
+        outcome = train(model, task.train_set, task.loss, task.evaluate, plain(t), groups=groups, seed=cfg.seed,
+                        device=device, checkpoint=run_dir / "checkpoint.pt", resume=cfg.resume, hooks=[keeper],
+                        log=log.info, report=logger.log, desc="fine-tune")
+        if outcome["completed"]:
+            keeper.finish()
+            metrics.update(task.evaluate(model))
+    finally:
+        logger.close(metrics)
+    return outcome

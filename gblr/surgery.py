@@ -1,4 +1,4 @@
-"""Replace a model's linear layers by structured ones (SPEC §4, §7).
+"""Replace a model's linear layers by structured ones (arXiv 2310.18882, Sec. 4).
 
 Targets are module-name suffixes: "mlp.fc1" matches ``blocks.3.mlp.fc1``. The paper replaces
 - in a timm ViT: q, k, v (timm's fused ``attn.qkv`` split into three d x d layers), fc1, fc2;
@@ -11,7 +11,8 @@ from torch import nn
 from timm.models.vision_transformer import Attention, VisionTransformer
 from transformers.pytorch_utils import Conv1D
 
-from gblr.layers import StructuredLinear, from_dense
+from gblr.fit import from_dense
+from gblr.layers import StructuredLinear
 
 VIT_TARGETS = ("attn.q", "attn.k", "attn.v", "mlp.fc1", "mlp.fc2")
 GPT2_TARGETS = ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")
@@ -87,8 +88,8 @@ def replace_layers(model: nn.Module, targets, kind: str, budget: float,
 
     targets: module-name suffixes, e.g. ``VIT_TARGETS`` or ``GPT2_TARGETS``; None means
     ``default_targets(model)``. A target ending in q, k or v first splits timm's fused qkv
-    (``split_qkv``). budget: each layer's target MACs / its dense MACs (SPEC §4); ``options`` go
-    to ``from_dense``. The new layer takes (..., in) like the old one and gives (..., out), on the
+    (``split_qkv``). budget: each layer's target MACs / its dense MACs; ``options`` go to
+    ``gblr.fit.from_dense`` (``gblr.layers.from_dense``, plus GBLR's budgeted fit). The new layer takes (..., in) like the old one and gives (..., out), on the
     old weight's device and dtype. Returns [(name, new layer)] in model order. Raises ValueError
     naming a target that matches no replaceable layer (nothing is replaced then).
     """

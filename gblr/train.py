@@ -1,8 +1,9 @@
-"""The training loop: AdamW with three parameter groups, warm-up + cosine, AMP, the GBLR budget.
+"""The training loop: AdamW over the caller's parameter groups, warm-up + cosine, AMP, hooks.
 
 One function, ``train``, reads top to bottom: per epoch it reseeds (so a resumed run replays the
-same shuffles and dropout), runs the optimizer steps, keeps the GBLR widths within the FLOP budget
-after every step (SPEC §5), evaluates, logs one line and writes a checkpoint atomically.
+same shuffles and dropout), runs the optimizer steps, calls the hooks after every step (the GBLR
+budget is one: it projects the widths back onto the FLOP budget), evaluates, logs one line and
+writes a checkpoint atomically. It knows nothing of any weight type.
 """
 import math
 import random
@@ -17,12 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gblr import distributed
-from gblr.budget import project_widths, soft_threshold_widths, uniform_project_widths
-from gblr.layers import GBLRLinear
 from gblr.report import save_checkpoint
-
-BUDGET_MODES = ("global", "uniform", "penalty")
-STRUCTURE = ("widths", "locations")
 
 
 def seed_everything(seed: int) -> None:
@@ -31,26 +27,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, structure_lr: float) -> list[dict]:
-    """AdamW groups: decayed weights; biases, norms and embeddings without decay; GBLR widths and
-    locations at their own lr, betas (0, 0.999), no decay (SPEC §5)."""
+def param_groups(model: nn.Module, lr: float, weight_decay: float, apart=()) -> list[dict]:
+    """AdamW groups: decayed weights; biases, norms and embeddings without decay. Parameters in
+    ``apart`` are left out: their owner adds a group of its own (``gblr.budget.Budget`` does, for
+    the GBLR widths and locations)."""
     skip = set(getattr(model, "no_weight_decay", lambda: ())())
-    decay, no_decay, structure = [], [], []
+    apart = {id(p) for p in apart}
+    decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in apart:
             continue
-        if name.rsplit(".", 1)[-1] in STRUCTURE:
-            structure.append(p)
-        elif p.ndim <= 1 or name in skip:
+        if p.ndim <= 1 or name in skip:
             no_decay.append(p)
         else:
             decay.append(p)
     groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
               {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
-    if structure:
-        groups.append({"params": structure, "lr": structure_lr, "weight_decay": 0.0, "betas": (0.0, 0.999)})
-    for group in groups:
-        group["base_lr"] = group["lr"]
     return [g for g in groups if g["params"]]
 
 
@@ -66,53 +58,9 @@ def lr_factor(step: int, total: int, warmup: int, floor: float, schedule: str = 
     return floor + (1 - floor) * decay
 
 
-class WidthBudget:
-    """Keeps the model's GBLR layers within ``budget`` of their dense MACs (SPEC §5).
-
-    mode "global": after every step, one FLOP-weighted projection over all layers (the model
-    decides where the MACs go); "uniform": each layer projected onto its own budget (the ablation);
-    "penalty": the paper's proximal step on lambda * (sum of widths), tau = lambda * lr, with the
-    hard budget applied once at the end. ``sigma_schedule`` {start, end, hold_epochs} anneals the
-    masks' Gaussian per epoch; the structure is hard (sigma None) after ``finish``.
-    """
-
-    def __init__(self, model: nn.Module, budget: float, mode: str = "global", penalty: float = 0.0,
-                 sigma=None, sigma_schedule=None):
-        if mode not in BUDGET_MODES:
-            raise ValueError(f"weight.budget_mode must be one of {BUDGET_MODES}, got {mode!r}")
-        self.layers = [m for m in model.modules() if isinstance(m, GBLRLinear)]
-        self.budget, self.mode, self.penalty = budget, mode, penalty
-        self.sigma, self.sigma_schedule = sigma, sigma_schedule
-        self.max_macs = budget * sum(layer.dense_macs_per_token() for layer in self.layers)
-
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        sigma = self.sigma
-        if self.sigma_schedule:
-            s = self.sigma_schedule
-            hold = s.get("hold_epochs", 0)
-            progress = max(0, epoch - hold) / max(1, epochs - 1 - hold)
-            sigma = s["start"] + (s["end"] - s["start"]) * min(1.0, progress)
-        for layer in self.layers:
-            layer.sigma = sigma
-
-    def after_step(self, structure_lr: float) -> None:
-        if not self.layers:
-            return
-        if self.mode == "global":
-            project_widths(self.layers, self.max_macs)
-        elif self.mode == "uniform":
-            uniform_project_widths(self.layers, self.budget)
-        else:
-            soft_threshold_widths(self.layers, self.penalty * structure_lr)
-
-    def finish(self) -> None:
-        """Hard masks, and the budget met exactly whatever the mode."""
-        for layer in self.layers:
-            layer.sigma = None
-        if self.mode == "uniform":
-            uniform_project_widths(self.layers, self.budget)
-        elif self.layers:
-            project_widths(self.layers, self.max_macs)
+def call(hooks, name: str, *args) -> list:
+    """Call method ``name`` of every hook that has one; their return values, in order."""
+    return [getattr(hook, name)(*args) for hook in hooks if hasattr(hook, name)]
 
 
 def autocast_dtype(amp: str, device: torch.device):
@@ -161,14 +109,19 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
 
 
-def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int, device: torch.device,
-          checkpoint: Path | None = None, resume: bool = False, budget: WidthBudget | None = None,
-          log=print, report=None, desc: str = "train", collate_fn=None) -> dict:
+def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: list[dict], seed: int,
+          device: torch.device, checkpoint: Path | None = None, resume: bool = False, hooks=(),
+          log=print, report=None, desc: str = "train") -> dict:
     """Train ``model`` in place; return {"history": [per-epoch metrics], "completed": bool, "preempted": bool}.
 
-    settings: epochs, batch_size, grad_accum, lr, structure_lr, min_lr, warmup_epochs, schedule,
-    weight_decay, clip_grad, amp, num_workers, stop_after, max_bad_steps (configs/config.yaml: train).
+    settings: epochs, batch_size, grad_accum, lr, min_lr, warmup_epochs, schedule, clip_grad, amp,
+    num_workers, stop_after, max_bad_steps (configs/config.yaml: train).
+    groups: AdamW parameter groups (``param_groups`` plus any owner's own); each group's lr follows
+    the schedule as a factor of the lr it starts with.
     loss_fn(model, batch) -> scalar loss; evaluate(model) -> dict of metrics.
+    hooks: objects with any of ``start_epoch(epoch, epochs)``, ``after_step(lr_factor)`` (after
+    every optimizer step) and ``epoch_metrics() -> dict`` (merged into the epoch's metrics); the
+    GBLR budget (``gblr.budget.Budget``) is one.
     checkpoint: written atomically after every epoch, and mid-epoch on SIGTERM / SIGUSR1 (then
     training returns with preempted=True); with ``resume`` an existing one is loaded and
     training continues at the step where it stopped, with the same data order and random state.
@@ -184,9 +137,9 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
                          f"train.grad_accum {accum} x {world} processes")
     per_rank, micro_batch = batch_size // world, batch_size // (world * accum)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
-    structure_lr = g("structure_lr") or g("lr")
-    optimizer = torch.optim.AdamW(param_groups(model, g("lr"), g("weight_decay", 0.0), structure_lr),
-                                  betas=(0.9, 0.999))
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
     amp_dtype = autocast_dtype(g("amp", "auto"), device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     steps_per_epoch = len(train_set) // batch_size
@@ -235,9 +188,8 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
             batches = order[: steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)
             mine = batches[first_step:, rank * per_rank:(rank + 1) * per_rank].flatten().tolist()
             loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=mine,
-                                                 num_workers=g("num_workers", 0), collate_fn=collate_fn)
-            if budget is not None:
-                budget.start_epoch(epoch, epochs)
+                                                 num_workers=g("num_workers", 0))
+            call(hooks, "start_epoch", epoch, epochs)
             model.train()
             bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", initial=first_step * accum,
                        total=steps_per_epoch * accum, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
@@ -269,8 +221,7 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                if budget is not None:
-                    budget.after_step(structure_lr * factor)
+                call(hooks, "after_step", factor)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 if anywhere(stop.signum is not None) and step_in_epoch + 1 < steps_per_epoch:
                     bar.close()
@@ -282,8 +233,8 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
             bar.close()
             loss_total, loss_count = distributed.all_sum(loss_sum, micro_steps)
             metrics = {"epoch": epoch + 1, "train_loss": loss_total / max(1, loss_count), **evaluate(model)}
-            if budget is not None and budget.layers:
-                metrics["replaced_macs_per_token"] = sum(layer.macs_per_token() for layer in budget.layers)
+            for extra in call(hooks, "epoch_metrics"):
+                metrics.update(extra)
             history.append(metrics)
             if report is not None:
                 report(metrics)

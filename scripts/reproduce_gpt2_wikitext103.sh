@@ -36,7 +36,7 @@ SEEDS=${SEEDS:-0}
 RUNS=${RUNS:-multirun/paper}
 OUT=${OUT:-results/gpt2_wikitext103}
 
-python run.py -m +sweep=paper_gpt2_wikitext103 "data.root=$WIKITEXT" "data.tokenizer=$TOKENIZER" \
+python run.py -m sweep=paper_gpt2_wikitext103 "data.root=$WIKITEXT" "data.tokenizer=$TOKENIZER" \
   "model.pretrained=$PRETRAINED" "train.grad_accum=$ACCUM" device=cuda weight="$WEIGHTS" seed="$SEEDS" \
   "hydra.sweep.dir=$RUNS/gpt2-wikitext103"
 python scripts/report.py "$RUNS/gpt2-wikitext103" --out "$OUT" --flops paper

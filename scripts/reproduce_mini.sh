@@ -33,16 +33,16 @@ EXTRA=${EXTRA:-}
 
 vision() {
   local dir="hydra.sweep.dir=$RUNS/vit_tiny-digits"
-  python run.py -m +sweep=mini_vision weight=dense budget=1 seed="$SEEDS" "$dir" $EXTRA    # also trains the dense starts
-  python run.py -m +sweep=mini_vision budget="$BUDGETS" seed="$SEEDS" "$dir" $EXTRA
-  python run.py -m +sweep=mini_vision weight=gblr weight.budget_mode=uniform budget="$BUDGETS" seed="$SEEDS" "$dir" $EXTRA \
+  python run.py -m sweep=mini_vision weight=dense budget=1 seed="$SEEDS" "$dir" $EXTRA    # also trains the dense starts
+  python run.py -m sweep=mini_vision budget="$BUDGETS" seed="$SEEDS" "$dir" $EXTRA
+  python run.py -m sweep=mini_vision weight=gblr weight.budget_mode=uniform budget="$BUDGETS" seed="$SEEDS" "$dir" $EXTRA \
     'hydra.sweep.subdir=${weight.kind}-${weight.budget_mode}-b${budget}-s${seed}'  # the ablation
 }
 
 language() {
   local dir="hydra.sweep.dir=$RUNS/gpt2_tiny-pydoc"
-  python run.py -m +sweep=mini_language weight=dense budget=1 seed="$SEEDS" "$dir" $EXTRA
-  python run.py -m +sweep=mini_language budget="$BUDGETS" seed="$SEEDS" "$dir" $EXTRA
+  python run.py -m sweep=mini_language weight=dense budget=1 seed="$SEEDS" "$dir" $EXTRA
+  python run.py -m sweep=mini_language budget="$BUDGETS" seed="$SEEDS" "$dir" $EXTRA
 }
 
 stream() {  # stream NAME: run it with its log in $RUNS/NAME.log, say how long it took

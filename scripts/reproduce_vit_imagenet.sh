@@ -36,7 +36,7 @@ BUDGETS=${BUDGETS:-0.14,0.19,0.25}
 SEEDS=${SEEDS:-0}
 RUNS=${RUNS:-multirun/paper}
 OUT=${OUT:-results/vit_imagenet}
-common=(+sweep=paper_vit_imagenet_ft "data.root=$DATA" "model.pretrained=$PRETRAINED" "train.grad_accum=$ACCUM"
+common=(sweep=paper_vit_imagenet_ft "data.root=$DATA" "model.pretrained=$PRETRAINED" "train.grad_accum=$ACCUM"
         "train.num_workers=$WORKERS" device=cuda seed="$SEEDS" "hydra.sweep.dir=$RUNS/vit_base-imagenet")
 
 structured=$(echo "$WEIGHTS" | tr ',' '\n' | grep -v '^dense$' | paste -sd, - || true)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gblr.runner
+import gblr.tasks
 from conftest import ROOT, compose_config
 from gblr.runner import run
 
@@ -16,7 +17,7 @@ SETTINGS = ["start.epochs=3", "train.epochs=2", "train.batch_size=128", "weight=
 
 def signal_at(monkeypatch, step: int, signum=signal.SIGTERM):
     """Make the process receive ``signum`` during fine-tuning's ``step``-th loss evaluation."""
-    original, calls = gblr.runner.VisionTask.loss, {"n": 0}
+    original, calls = gblr.tasks.ImageClassification.loss, {"n": 0}
 
     def loss(self, model, batch):
         if model.training and any(p.requires_grad and p.ndim == 2 and p.shape[0] == 2 for p in model.parameters()):
@@ -25,7 +26,7 @@ def signal_at(monkeypatch, step: int, signum=signal.SIGTERM):
                 os.kill(os.getpid(), signum)
         return original(self, model, batch)
 
-    monkeypatch.setattr(gblr.runner.VisionTask, "loss", loss)
+    monkeypatch.setattr(gblr.tasks.ImageClassification, "loss", loss)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,8 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
     script.write_text(
         "import sys, torch\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import gblr.runner as runner\n"
-        "original, calls = runner.VisionTask.loss, [0]\n"
+        "import gblr.runner as runner\nimport gblr.tasks as tasks\n"
+        "original, calls = tasks.ImageClassification.loss, [0]\n"
         "def loss(self, model, batch):\n"
         "    value = original(self, model, batch)\n"
         "    if model.training and any(n.endswith('widths') for n, _ in model.named_parameters()):\n"
@@ -65,7 +66,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
         "        if calls[0] == 11 + 3:\n"
         "            return value * float('nan')\n"
         "    return value\n"
-        "runner.VisionTask.loss = loss\n"
+        "tasks.ImageClassification.loss = loss\n"
         "import run\n"
         "run.main()\n")
     out = tmp_path / "run"
@@ -81,7 +82,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
 
 
 def test_bad_steps_can_be_skipped_a_bounded_number_of_times(tmp_path, cache_dir, monkeypatch):
-    original, calls = gblr.runner.VisionTask.loss, {"n": 0}
+    original, calls = gblr.tasks.ImageClassification.loss, {"n": 0}
 
     def loss(self, model, batch):
         value = original(self, model, batch)
@@ -91,6 +92,6 @@ def test_bad_steps_can_be_skipped_a_bounded_number_of_times(tmp_path, cache_dir,
                 return value * float("inf")
         return value
 
-    monkeypatch.setattr(gblr.runner.VisionTask, "loss", loss)
+    monkeypatch.setattr(gblr.tasks.ImageClassification, "loss", loss)
     result = run(compose_config(f"cache_dir={cache_dir}", f"out_dir={tmp_path}", *SETTINGS, "train.max_bad_steps=2"))
     assert result["completed"] and result["flops"]["replaced"] <= 0.3

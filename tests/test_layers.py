@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from gblr import fit
 from gblr.layers import LAYERS, build, from_dense, svd_split, to_inference
 from gblr.layers.monarch import monarch_macs
 
@@ -135,8 +136,8 @@ def test_gblr_paper_settings_can_be_stated_exactly():
 
 def test_gblr_fit_meets_the_budget_and_lowers_its_error():
     weight = dense_weight(64, 96)
-    start = from_dense("gblr", weight, budget=0.25, init="fit", fit_steps=0)
-    fitted = from_dense("gblr", weight, budget=0.25, init="fit", fit_steps=300)
+    start = fit.from_dense("gblr", weight, budget=0.25, init="fit", fit_steps=0)
+    fitted = fit.from_dense("gblr", weight, budget=0.25, init="fit", fit_steps=300)
     assert fitted.macs_per_token() <= 0.25 * 64 * 96
     assert fitted.projection_error < 0.8 * start.projection_error
 

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
 from gblr.data.text import build_text_data, unigram_perplexity
+from gblr.models import gpt2_context
 from gblr.runner import run
 
 EMBEDDED = "experiment=gpt2_tiny_pydoc"
@@ -58,7 +59,7 @@ def tokenizer_dir(tmp_path_factory):
 
 def test_presets_compose_with_the_paper_settings():
     paper = compose_config(PAPER)
-    assert (paper.model.name, paper.model.family, paper.data.name) == ("gpt2", "gpt2", "wikitext103")
+    assert (paper.model.name, paper.model.task._target_, paper.data.name) == ("gpt2", "gblr.tasks.CausalLM", "wikitext103")
     assert paper.budget == 7 / 22  # the float nearest 7/22: 43.75% in the paper convention
     assert (paper.data.block_size, paper.data.vocab_size, paper.data.tokenizer) == (1024, 50257, "gpt2")
     t = paper.train
@@ -75,7 +76,7 @@ def test_presets_compose_with_the_paper_settings():
 
     tiny = compose_config(EMBEDDED)
     assert (tiny.model.name, tiny.data.name, tiny.model.pretrained, tiny.data.tokenizer) == ("gpt2_tiny", "pydoc", None, None)
-    assert tiny.data.block_size <= tiny.model.kwargs.n_positions
+    assert tiny.data.block_size <= gpt2_context(tiny.model.name, tiny.model.kwargs)
     assert tiny.weight.kind == "gblr" and tiny.budget == compose_config().budget  # the default weight type and budget
 
 

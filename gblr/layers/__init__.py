@@ -1,4 +1,4 @@
-"""Structured weight layers behind one interface (SPEC §2-§4).
+"""Structured weight layers behind one interface (docs/method.md).
 
     from_dense(kind, weight, bias=None, budget=1.0, **options)   project a dense (out, in) weight
     build(kind, in_features, out_features, budget, bias, **options)  random init, from scratch
@@ -9,14 +9,14 @@ Kinds: dense, lowrank, monarch, gblr. A fifth is one file with a ``@register("na
 from .base import LAYERS, StructuredLinear, build, check_budget, from_dense, layer_class, relative_error
 from .dense import DenseLinear
 from .gaudi import boxcar, dirichlet_mask, gaudi_mask, hard_locations, hard_widths
-from .gblr import GBLRLinear, fit_to_dense
+from .gblr import GBLRLinear, component_macs
 from .inference import GBLRInference, to_inference
 from .lowrank import LowRankLinear, lowrank_rank, svd_split
 from .monarch import MonarchLinear, monarch_macs, monarch_nblocks, project_to_monarch
 
 __all__ = [
     "LAYERS", "StructuredLinear", "build", "check_budget", "from_dense", "layer_class", "relative_error", "DenseLinear",
-    "boxcar", "dirichlet_mask", "gaudi_mask", "hard_locations", "hard_widths", "GBLRLinear", "fit_to_dense",
+    "boxcar", "dirichlet_mask", "gaudi_mask", "hard_locations", "hard_widths", "GBLRLinear", "component_macs",
     "GBLRInference", "to_inference", "LowRankLinear", "lowrank_rank", "svd_split", "MonarchLinear",
     "monarch_macs", "monarch_nblocks", "project_to_monarch",
 ]

@@ -1,4 +1,4 @@
-"""Gaudi-GBLR weight (Lee & Kim, ICLR 2024, Eq. 4; SPEC §3).
+"""Gaudi-GBLR weight (Lee & Kim, ICLR 2024, arXiv 2310.18882, Sec. 3; docs/method.md).
 
     W = sum_k (m_out_k * U_k) (m_in_k * V_k)^T,     k = 1..K,
 
@@ -22,7 +22,7 @@ from .lowrank import lowrank_rank
 
 def component_macs(a: torch.Tensor, b: torch.Tensor, rank) -> torch.Tensor:
     """MACs per token of components of hard widths a (output) and b (input): min(r (a + b), a b),
-    which is 0 when either width is 0 (SPEC §3)."""
+    which is 0 when either width is 0 (docs/method.md, "The cost")."""
     return torch.minimum(rank * (a + b), a * b)
 
 
@@ -91,22 +91,22 @@ class GBLRLinear(StructuredLinear):
 
     @classmethod
     def from_dense(cls, weight, bias, budget, K: int | None = None, rank: int = 1, sigma: float | None = None,
-                   init: str = "lowrank", rank_ratio: float | None = None, fit_steps: int = 1000,
-                   fit_lr: float = 5e-3, fit_structure_lr: float | None = None, seed: int = 0):
+                   init: str = "lowrank", rank_ratio: float | None = None, seed: int = 0):
         """Components from the SVD of ``weight``: component k holds singular triplets k r .. k r + r - 1.
 
         init="lowrank": the top components at full width, the others at one output element and no
             input element (cost 0, but their width gradient is non-zero, so they can regrow).
             Their number is the budget's low-rank rank / r, or ``rank_ratio * K`` when given
             (the paper's GPT-2 setting is rank_ratio=0.25).
-        init="fit": the paper's ViT recipe (SPEC §4): full widths at random locations, then
-            ``fit_steps`` AdamW steps on ||W_hat - W||^2 / ||W||^2, widths projected onto the
-            budget after every step.
+        init="full": every component at full width on both axes, at random locations: the start of
+            the paper's budgeted fit (ViT recipe), which ``gblr.fit`` runs from here. It costs more
+            than any budget below 1 until the fit projects it.
         """
         out_features, in_features = weight.shape
         K = cls._check(in_features, out_features, K, rank)
-        if init not in ("lowrank", "fit"):
-            raise ValueError(f"GBLR init must be 'lowrank' or 'fit', got {init!r}")
+        if init not in ("lowrank", "full"):
+            raise ValueError(f"GBLR init must be 'lowrank' or 'fit', got {init!r} ('fit' runs through "
+                             f"gblr.fit.from_dense, which starts from init='full')")
         generator = torch.Generator().manual_seed(seed)
         u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
         root = s[: K * rank].sqrt()
@@ -128,8 +128,6 @@ class GBLRLinear(StructuredLinear):
             layer = cls(U, V, widths, locations, bias, sigma)
         else:
             layer = cls(U, V, torch.ones(2, K), locations, bias, sigma)
-            fit_to_dense(layer, weight, budget * in_features * out_features, fit_steps, fit_lr,
-                         fit_structure_lr or 20.0 / min(in_features, out_features))
         layer.projection_error = relative_error(layer.to_dense(), weight)
         return layer
 
@@ -137,51 +135,25 @@ class GBLRLinear(StructuredLinear):
     def build(cls, in_features, out_features, budget, bias, K: int | None = None, rank: int = 1,
               sigma: float | None = None, width_ratio: float | None = None, seed: int | None = None):
         """Random factors; every component at normalized width ``width_ratio`` on both axes (by
-        default the largest equal width within budget), at random locations."""
-        from ..budget import project_widths
-
+        default the largest equal width within budget, rounded down to whole elements so the
+        layer never costs more than the budget), at random locations."""
         K = cls._check(in_features, out_features, K, rank)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        sizes = torch.tensor([[out_features], [in_features]], dtype=torch.float64)
         if width_ratio is None:
             width_ratio = min(1.0, budget * in_features * out_features / (K * rank * (in_features + out_features)))
+            elements = torch.floor(width_ratio * sizes)
         elif not 0 < width_ratio <= 1:
             raise ValueError(f"width_ratio must be in (0, 1], got {width_ratio!r}")
+        else:
+            elements = torch.round(width_ratio * sizes)
         # Each W_ij sums about K w^2 r products u v: match nn.Linear's Var(W_ij) = 1 / (3 in).
         scale = (3 * in_features * max(K * rank * width_ratio**2, 1.0)) ** -0.25
         U = torch.randn(K, out_features, rank, generator=generator) * scale
         V = torch.randn(K, rank, in_features, generator=generator) * scale
-        widths = torch.full((2, K), float(width_ratio))
+        widths = (elements / sizes).float().expand(2, K).clone()
         layer = cls(U, V, widths, torch.rand(2, K, generator=generator), bias, sigma)
-        project_widths([layer], budget * in_features * out_features)  # rounding can overshoot by a few MACs
+        if layer.macs_per_token() > budget * in_features * out_features:
+            raise ValueError(f"width_ratio={width_ratio} costs {layer.macs_per_token()} MACs per token, more than "
+                             f"budget={budget} of {in_features * out_features}; lower width_ratio or raise the budget")
         return layer
-
-
-def fit_to_dense(layer: GBLRLinear, weight: torch.Tensor, max_macs: float, steps: int, lr: float,
-                 structure_lr: float) -> list[float]:
-    """The paper's budgeted fit of a GBLR layer to a dense (out, in) weight (SPEC §4).
-
-    AdamW with betas (0, 0.999) and no weight decay on ||W_hat - W||_F^2 / ||W||_F^2, factors at
-    ``lr`` and widths/locations at ``structure_lr``, both decayed linearly to 1%; after every step
-    the widths are projected onto ``max_macs``. Returns the loss per step.
-    """
-    from ..budget import project_widths
-
-    target = weight.to(layer.U.dtype)
-    scale = target.square().sum().clamp_min(1e-30)
-    optimizer = torch.optim.AdamW([{"params": [layer.U, layer.V], "lr": lr},
-                                   {"params": [layer.widths, layer.locations], "lr": structure_lr}],
-                                  betas=(0.0, 0.999), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - 0.99 * step / max(steps, 1))
-    losses = []
-    project_widths([layer], max_macs)
-    with torch.enable_grad():
-        for _ in range(steps):
-            U, V = layer.masked_factors()
-            loss = (torch.einsum("kor,kri->oi", U, V) - target).square().sum() / scale
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            project_widths([layer], max_macs)
-            losses.append(loss.item())
-    return losses
