@@ -151,7 +151,7 @@ def _hub_wikitext(split: str):
             "WikiText-103: data.root is not set and the `datasets` library is not installed; set "
             f"data.root=/path/to/{WIKITEXT_CONFIG} (parquet or wiki.*.raw files) or pip install datasets"
         ) from None
-    from gblr.models import hub_reachable, hub_offline
+    from gblr.hub import hub_offline, hub_reachable
 
     if not hub_offline() and not hub_reachable():
         raise FileNotFoundError(
@@ -184,7 +184,7 @@ def load_tokenizer(name_or_path="gpt2"):
     """
     from transformers import AutoTokenizer
 
-    from gblr.models import hub_reachable, hub_offline
+    from gblr.hub import hub_offline, hub_reachable
 
     path = Path(name_or_path).expanduser()
     if not path.is_dir() and (path.is_absolute() or str(name_or_path).startswith((".", "~"))):
