@@ -102,7 +102,8 @@ class TextTask:
     metric, higher_is_better = "ppl", False
 
     def __init__(self, cfg, device, max_positions):
-        from gblr.data.text import TokenBlocks, build_text_data
+        from gblr.data.text import build_text_data
+        from gblr.data.token_stream import TokenBlocks
 
         d = plain(cfg.data)
         self.block_size = d["block_size"]
@@ -122,7 +123,7 @@ class TextTask:
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
     def evaluate(self, model) -> dict:
-        from gblr.data.text import evaluate_perplexity
+        from gblr.metrics import evaluate_perplexity
 
         result = evaluate_perplexity(model, self.val_tokens, self.block_size, self.t.eval_batch_size,
                                      stride=self.stride, device=self.device)
