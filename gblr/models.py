@@ -1,32 +1,29 @@
-"""Build the two model families of the paper and load their pretrained weights (SPEC §7).
+"""Build the two model families of the paper and load their pretrained weights.
 
 - ViT: timm ``vit_base_patch16_224`` and ``vit_tiny``, a small model of the same class (module names
   ``blocks.i.attn.qkv`` / ``attn.proj`` / ``mlp.fc1`` / ``mlp.fc2``, ``head``).
 - GPT-2: Hugging Face ``GPT2LMHeadModel``, ``gpt2`` (small, 124M) and ``gpt2_tiny``, always with
-  eager attention so that FLOP counters see the attention matmuls (SPEC §6).
+  eager attention so that FLOP counters see the attention matmuls.
 
 Both builders return ``(model, weights)``: ``weights`` is one line saying where the weights came
 from ("random init", "local file ...", "hub ..."), so a run can record it next to its numbers.
 
 ``pretrained`` is None (random init), a local path (ViT: a state-dict file; GPT-2: a
 ``save_pretrained`` directory or a state-dict file), or a hub name, downloaded only when the hub
-is reachable. ``find_pretrained`` says which, and raises when the weights cannot be had:
+is reachable. ``gblr.hub.find_pretrained`` says which, and raises when the weights cannot be had:
 FileNotFoundError for a missing local path, ValueError for a hub name while offline. With
 ``allow_random_fallback=True`` those two cases give a random-init model instead and ``weights``
 says why (the runner's dry run uses this); a file that exists but does not fit the model always
 raises.
 """
 import os
-import socket
-from pathlib import Path
-from urllib.parse import urlparse
 
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from transformers import GPT2Config, GPT2LMHeadModel
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+from gblr.hub import WEIGHT_SUFFIXES, find_pretrained
 
 # timm's VisionTransformer arguments of the tiny ViT: 8x8 digits upscaled to 32x32, 8x8 patches of 4 px.
 VIT_TINY = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=64, depth=4, num_heads=4,
@@ -45,53 +42,6 @@ def vit_input_size(name: str, kwargs: dict) -> int:
 def gpt2_context(name: str, kwargs: dict) -> int:
     """The context (positions) of GPT-2 ``name`` built with ``kwargs``."""
     return kwargs.get("n_positions") or (GPT2_TINY["n_positions"] if name == "gpt2_tiny" else 1024)
-
-
-def hub_offline() -> bool:
-    """True when the environment forbids the Hugging Face hub (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub (or the HTTPS proxy in between) opens within ``timeout_s``."""
-    url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or \
-        os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(url if "://" in url else f"http://{url}")
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def find_pretrained(pretrained: str | os.PathLike | None) -> tuple[str, str | None]:
-    """Where ``pretrained`` weights come from: ("none", None), ("local", path) or ("hub", name).
-
-    A string is a local path when it exists, ends in a weight-file suffix or starts with
-    "/", "." or "~"; otherwise it is a hub name. Raises FileNotFoundError for a local path that
-    does not exist, and ValueError (fast, before any download) for a hub name while the hub is off
-    (HF_HUB_OFFLINE=1) or unreachable; both messages say how to provide a local file instead.
-    """
-    if pretrained is None or str(pretrained).strip() == "":
-        return "none", None
-    text = str(pretrained)
-    path = Path(text).expanduser()
-    if path.exists():
-        return "local", str(path)
-    if isinstance(pretrained, os.PathLike) or text.startswith(("/", ".", "~")) or text.endswith(WEIGHT_SUFFIXES):
-        raise FileNotFoundError(f"pretrained weights not found: {text!r} does not exist. Give an existing "
-                                f"state-dict file ({', '.join(WEIGHT_SUFFIXES)}) or model directory, or "
-                                f"pretrained=null for random init.")
-    why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else None
-    if why is None and not hub_reachable():
-        why = "the Hugging Face hub cannot be reached from this machine"
-    if why:
-        raise ValueError(f"cannot download pretrained weights {text!r}: {why}. It is not a local path either. "
-                         f"On a machine with network, download it (e.g. `huggingface-cli download {text}`) and "
-                         f"pass the local file or directory as pretrained=/path/to/weights, or use "
-                         f"pretrained=null for random init.")
-    return "hub", text
 
 
 def _load_state_dict_file(model: torch.nn.Module, path: str) -> str:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gblr.data import text
+from gblr import metrics
+from gblr.data import pydoc_text, text, token_stream, tokenization, wikitext
 
 WIKI = {
     "train": [
@@ -44,13 +45,13 @@ def gpt2_like_dir(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=320,
-        special_tokens=[text.EOS],
+        special_tokens=[tokenization.EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([line for lines in WIKI.values() for line in lines] * 5, trainer)
     path = tmp_path_factory.mktemp("tok") / "gpt2-like"
-    GPT2TokenizerFast(tokenizer_object=tok, eos_token=text.EOS).save_pretrained(path)
+    GPT2TokenizerFast(tokenizer_object=tok, eos_token=tokenization.EOS).save_pretrained(path)
     return path
 
 
@@ -89,22 +90,22 @@ def no_tokenizing(*args):
 def test_pydoc_split_is_by_topic_and_deterministic():
     from pydoc_data.topics import topics
 
-    train, val = text.pydoc_topics("train"), text.pydoc_topics("validation")
+    train, val = pydoc_text.pydoc_topics("train"), pydoc_text.pydoc_topics("validation")
     names = sorted(topics)
     assert val == [topics[n] for n in names[5::10]]
     assert len(train) + len(val) == len(topics) and not set(train) & set(val)
     fraction = sum(map(len, val)) / sum(map(len, topics.values()))
     assert 0.03 < fraction < 0.2
     with pytest.raises(ValueError, match="'test'"):
-        text.pydoc_topics("test")
+        pydoc_text.pydoc_topics("test")
 
 
 def test_pydoc_tokenizer_is_trained_once_then_loaded(tmp_path, monkeypatch):
     import tokenizers.trainers
 
-    tok = text.pydoc_tokenizer(tmp_path, vocab_size=400)
-    assert tok.get_vocab_size() == 400 and tok.token_to_id(text.EOS) == 0
-    sample = text.pydoc_topics("validation")[0]
+    tok = pydoc_text.pydoc_tokenizer(tmp_path, vocab_size=400)
+    assert tok.get_vocab_size() == 400 and tok.token_to_id(tokenization.EOS) == 0
+    sample = pydoc_text.pydoc_topics("validation")[0]
     assert tok.decode(tok.encode(sample).ids) == sample  # byte level: lossless on unseen text
     files = list((tmp_path / "pydoc").glob("bpe-400-*/tokenizer.json"))
     assert len(files) == 1
@@ -113,20 +114,20 @@ def test_pydoc_tokenizer_is_trained_once_then_loaded(tmp_path, monkeypatch):
         raise AssertionError("the cached tokenizer should have been loaded, not retrained")
 
     monkeypatch.setattr(tokenizers.trainers, "BpeTrainer", no_training)
-    assert text.pydoc_tokenizer(tmp_path, vocab_size=400).to_str() == tok.to_str()
+    assert pydoc_text.pydoc_tokenizer(tmp_path, vocab_size=400).to_str() == tok.to_str()
     with pytest.raises(ValueError, match="vocab_size=100"):
-        text.pydoc_tokenizer(tmp_path, vocab_size=100)
+        pydoc_text.pydoc_tokenizer(tmp_path, vocab_size=100)
 
 
 def test_pydoc_tokens_eos_after_each_topic_and_cached(tmp_path, monkeypatch):
     train, val, info = text.build_text_data("pydoc", cache_dir=tmp_path, vocab_size=400, block_size=64)
-    topics = text.pydoc_topics("validation")
+    topics = pydoc_text.pydoc_topics("validation")
     assert isinstance(val, np.memmap) and val.dtype == np.uint16
     assert int((val == info["eos_id"]).sum()) == len(topics) and val[-1] == info["eos_id"]
     assert info["eval_tokens"] == len(val) and info["train_tokens"] == len(train) > 10 * len(val)
     assert "pydoc" in info["description"] and "WikiText" not in info["description"]
 
-    monkeypatch.setattr(text, "_encode_lines", no_tokenizing)
+    monkeypatch.setattr(pydoc_text, "encode_lines", no_tokenizing)
     train2, val2, _ = text.build_text_data("pydoc", cache_dir=tmp_path, vocab_size=400, block_size=64)
     assert np.array_equal(train2, train) and np.array_equal(val2, val)
 
@@ -138,7 +139,7 @@ def test_pydoc_tokens_eos_after_each_topic_and_cached(tmp_path, monkeypatch):
 def test_wikitext_local_layouts_give_run_clm_ids_and_reload_from_cache(tmp_path, monkeypatch, gpt2_like_dir, layout):
     root = tmp_path / "wt103"
     write_wikitext(root, layout)
-    tokenizer = text.load_tokenizer(gpt2_like_dir)
+    tokenizer = tokenization.load_tokenizer(gpt2_like_dir)
     train, val, info = text.build_text_data(
         "wikitext103", root=root, cache_dir=tmp_path / "cache", tokenizer=gpt2_like_dir, block_size=8
     )
@@ -147,9 +148,9 @@ def test_wikitext_local_layouts_give_run_clm_ids_and_reload_from_cache(tmp_path,
     assert isinstance(train, np.memmap) and train.dtype == np.uint16
     assert info["train_source"]["source"] == ("raw" if layout == "raw" else "parquet")
     assert info["vocab_size"] == len(tokenizer) and info["eos_between_documents"] is False
-    assert text.EOS not in tokenizer.decode(train.tolist())
+    assert tokenization.EOS not in tokenizer.decode(train.tolist())
 
-    monkeypatch.setattr(text, "_encode_lines", no_tokenizing)
+    monkeypatch.setattr(wikitext, "encode_lines", no_tokenizing)
     again = text.build_text_data("wikitext103", root=root, cache_dir=tmp_path / "cache", tokenizer=gpt2_like_dir)
     assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
     with pytest.raises(RuntimeError, match="tokenized again"):  # the test split was never cached
@@ -161,10 +162,10 @@ def test_wikitext_local_layouts_give_run_clm_ids_and_reload_from_cache(tmp_path,
 def test_wikitext_cache_key_depends_on_tokenizer(tmp_path, gpt2_like_dir):
     root = tmp_path / "wt103"
     write_wikitext(root, "raw")
-    gpt2_like = text.load_tokenizer(gpt2_like_dir)
-    pydoc_bpe = text.pydoc_tokenizer(tmp_path, vocab_size=300)
-    ids_a, src_a = text.wikitext_tokens("validation", gpt2_like, root, tmp_path)
-    ids_b, src_b = text.wikitext_tokens("validation", pydoc_bpe, root, tmp_path)
+    gpt2_like = tokenization.load_tokenizer(gpt2_like_dir)
+    pydoc_bpe = pydoc_text.pydoc_tokenizer(tmp_path, vocab_size=300)
+    ids_a, src_a = wikitext.wikitext_tokens("validation", gpt2_like, root, tmp_path)
+    ids_b, src_b = wikitext.wikitext_tokens("validation", pydoc_bpe, root, tmp_path)
     assert src_a["cache"] != src_b["cache"]
     assert ids_b.tolist() == [t for line in WIKI["validation"] for t in pydoc_bpe.encode(line).ids]
 
@@ -193,15 +194,15 @@ def test_tokenizer_errors(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     with pytest.raises(FileNotFoundError, match=r"tokenizer directory .*missing does not exist"):
-        text.load_tokenizer(tmp_path / "missing")
+        tokenization.load_tokenizer(tmp_path / "missing")
     hub_error = r"'gblr-test/no-such-tokenizer'.*HF_HUB_OFFLINE=1 is set.*data.tokenizer="
     with pytest.raises(FileNotFoundError, match=hub_error):
-        text.load_tokenizer("gblr-test/no-such-tokenizer")
+        tokenization.load_tokenizer("gblr-test/no-such-tokenizer")
     # what a transformers-5 tokenizer built with the ignored vocab_file=/merges_file= looks like
     empty = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
     PreTrainedTokenizerFast(tokenizer_object=empty, unk_token="<unk>").save_pretrained(tmp_path / "empty")
     with pytest.raises(ValueError, match="only 1 tokens.*vocab_file="):
-        text.load_tokenizer(tmp_path / "empty")
+        tokenization.load_tokenizer(tmp_path / "empty")
 
 
 # ---------------------------------------------------------------------------------- blocks, perplexity
@@ -209,7 +210,7 @@ def test_tokenizer_errors(tmp_path):
 
 def test_token_blocks_are_contiguous_and_drop_the_tail():
     tokens = np.arange(103, dtype=np.uint16)
-    blocks = text.TokenBlocks(tokens, block_size=10)
+    blocks = token_stream.TokenBlocks(tokens, block_size=10)
     assert len(blocks) == 10
     item = blocks[9]
     assert item["input_ids"].dtype == torch.int64 and item["input_ids"].tolist() == list(range(90, 100))
@@ -217,7 +218,7 @@ def test_token_blocks_are_contiguous_and_drop_the_tail():
     with pytest.raises(IndexError):
         blocks[10]
     with pytest.raises(ValueError, match="fewer than one block"):
-        text.TokenBlocks(tokens[:5], block_size=10)
+        token_stream.TokenBlocks(tokens[:5], block_size=10)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +242,7 @@ def test_perplexity_blocks_matches_hand_sum_for_any_batch_size(tiny_lm):
     nll = sum(token_nll(tiny_lm, tokens[b : b + bs].tolist(), 1) for b in range(0, 203 - bs + 1, bs))
     tiny_lm.train()
     for batch_size in (1, 3, 5, 100):
-        r = text.evaluate_perplexity(tiny_lm, tokens, block_size=bs, batch_size=batch_size)
+        r = metrics.evaluate_perplexity(tiny_lm, tokens, block_size=bs, batch_size=batch_size)
         assert r["tokens"] == 12 * 15 and r["mode"] == "blocks" and r["stride"] is None
         assert r["nll_sum"] == pytest.approx(nll, rel=1e-5)
         assert r["ppl"] == pytest.approx(math.exp(nll / (12 * 15)), rel=1e-5)
@@ -257,23 +258,23 @@ def test_perplexity_strided_predicts_each_token_once_with_context(tiny_lm):
         end = min(prev_end + stride, 60)
         nll += token_nll(tiny_lm, tokens[end - bs : end].tolist(), bs - (end - prev_end))
         prev_end = end
-    results = [text.evaluate_perplexity(tiny_lm, tokens, bs, batch_size=b, stride=stride) for b in (1, 4, 64)]
+    results = [metrics.evaluate_perplexity(tiny_lm, tokens, bs, batch_size=b, stride=stride) for b in (1, 4, 64)]
     for r in results:
         assert r["tokens"] == 59 and r["mode"] == "strided" and r["stride"] == stride
         assert r["nll_sum"] == pytest.approx(nll, rel=1e-5)
     assert results[0]["ppl"] == pytest.approx(results[2]["ppl"], rel=1e-5)
     with pytest.raises(ValueError, match=r"stride=16 must be in \[1, block_size=16\)"):
-        text.evaluate_perplexity(tiny_lm, tokens, bs, batch_size=1, stride=16)
+        metrics.evaluate_perplexity(tiny_lm, tokens, bs, batch_size=1, stride=16)
     with pytest.raises(ValueError, match="only 10 tokens"):
-        text.evaluate_perplexity(tiny_lm, tokens[:10], bs, batch_size=1)
+        metrics.evaluate_perplexity(tiny_lm, tokens[:10], bs, batch_size=1)
 
 
 def test_unigram_perplexity_by_hand():
     train, val = np.array([0, 0, 1]), np.array([0, 2])
     p0, p2 = 3 / 6, 1 / 6  # add-one counts over vocab 3: (3, 2, 1) / 6
-    assert text.unigram_perplexity(train, val, 3) == pytest.approx(math.exp(-(math.log(p0) + math.log(p2)) / 2))
+    assert metrics.unigram_perplexity(train, val, 3) == pytest.approx(math.exp(-(math.log(p0) + math.log(p2)) / 2))
     uniform = np.tile(np.arange(7), 5)
-    assert text.unigram_perplexity(uniform, uniform, 7) == pytest.approx(7.0)
+    assert metrics.unigram_perplexity(uniform, uniform, 7) == pytest.approx(7.0)
 
 
 def test_a_trained_bigram_lm_beats_the_unigram_baseline_on_pydoc(tmp_path):
@@ -281,12 +282,12 @@ def test_a_trained_bigram_lm_beats_the_unigram_baseline_on_pydoc(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Embedding(info["vocab_size"], info["vocab_size"])  # logits of the next token: a bigram LM
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    blocks = torch.utils.data.DataLoader(text.TokenBlocks(train, 64), batch_size=64, shuffle=True)
+    blocks = torch.utils.data.DataLoader(token_stream.TokenBlocks(train, 64), batch_size=64, shuffle=True)
     for batch in blocks:
         ids = batch["input_ids"]
         loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    ppl = text.evaluate_perplexity(model, val, 64, batch_size=64)["ppl"]  # plain-tensor output works too
-    assert ppl < 0.5 * text.unigram_perplexity(train, val, info["vocab_size"])  # about 26 vs 122
+    ppl = metrics.evaluate_perplexity(model, val, 64, batch_size=64)["ppl"]  # plain-tensor output works too
+    assert ppl < 0.5 * metrics.unigram_perplexity(train, val, info["vocab_size"])  # about 26 vs 122

@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gblr import models
-from gblr.models import build_gpt2, build_vit, find_pretrained
+from gblr import hub
+from gblr.hub import find_pretrained
+from gblr.models import build_gpt2, build_vit
 
 VIT_HUB = "timm/vit_base_patch16_224.augreg_in21k_ft_in1k"
 
@@ -134,13 +135,13 @@ def test_hub_names_fail_fast_offline(monkeypatch):
 def test_hub_names_fail_fast_without_network(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout_s=3.0: False)
     with pytest.raises(ValueError, match="cannot be reached"):
         find_pretrained("gpt2")
 
 
 def test_find_pretrained_classifies(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout_s=3.0: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout_s=3.0: True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     assert find_pretrained(None) == ("none", None)

@@ -1,4 +1,4 @@
-"""The runner on the language path (issue 4): GPT-2 presets, the embedded pydoc run, bad input.
+"""The runner on the language path: GPT-2 presets, the embedded pydoc run, bad input.
 
 WikiText-103 loading and perplexity accumulation are tested in test_data_text.py.
 """
@@ -11,7 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
-from gblr.data.text import build_text_data, unigram_perplexity
+from gblr.data.text import build_text_data
+from gblr.metrics import unigram_perplexity
 from gblr.models import gpt2_context
 from gblr.runner import run
 
@@ -46,7 +47,8 @@ def tokenizer_dir(tmp_path_factory):
     """A local tokenizer directory (the pydoc BPE saved by save_pretrained), standing in for GPT-2's."""
     from transformers import PreTrainedTokenizerFast
 
-    from gblr.data.text import EOS, pydoc_tokenizer
+    from gblr.data.pydoc_text import pydoc_tokenizer
+    from gblr.data.tokenization import EOS
 
     path = tmp_path_factory.mktemp("tokenizer") / "bpe"
     bpe = pydoc_tokenizer(tmp_path_factory.mktemp("bpe-cache"), vocab_size=300)

@@ -1,4 +1,9 @@
-"""Datasets: vision.py (ImageNet folders, embedded digits), text.py (WikiText-103, embedded pydoc text)."""
+"""Datasets, prepared once into the cache and then loaded.
+
+vision.py: ImageNet folders and the embedded digits. text.py: `build_text_data`, composing
+wikitext.py (WikiText-103 sources), pydoc_text.py (the embedded pydoc corpus), tokenization.py
+(tokenizers, the local BPE) and token_stream.py (the .npy token cache, training blocks).
+"""
 import os
 from pathlib import Path
 

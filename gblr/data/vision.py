@@ -5,7 +5,7 @@ Both datasets go through one code path, `image_folder_datasets`: torchvision Ima
     root/train/<class>/*.JPEG
     root/val/<class>/*.JPEG
 
-ImageNet (SPEC §7) uses timm's `create_transform` with the paper's fine-tuning recipe
+ImageNet uses timm's `create_transform` with the paper's fine-tuning recipe
 (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, bicubic; eval crop 0.9 bicubic).
 "digits" is scikit-learn's bundled `load_digits` (1,797 8x8 grey images, 10 classes, no
 download), written once as PNG files in the same layout, so that a machine with no network and
@@ -13,16 +13,14 @@ no ImageNet can still run the whole pipeline. It is named for what it is: nothin
 is an ImageNet result.
 """
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torchvision import datasets, transforms
 
 from gblr.data import default_cache_dir
+from gblr.report import atomic_write
 
-# timm's default ViT-B/16 weights (augreg) normalize with mean = std = 0.5 (SPEC §9). Pass the
+# timm's default ViT-B/16 weights (augreg) normalize with mean = std = 0.5. Pass the
 # model's own pretrained_cfg mean/std when it differs (e.g. DeiT weights use ImageNet mean/std).
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
@@ -84,7 +82,7 @@ def imagenet_transforms(
     crop_pct=0.9,
     interpolation="bicubic",
 ):
-    """(train, eval) timm transforms, the paper's ViT-B fine-tuning recipe (SPEC §7).
+    """(train, eval) timm transforms, the paper's ViT-B fine-tuning recipe.
 
     Train: RandomResizedCrop(img_size) + flip + RandAugment + normalize + random erasing
     (per-pixel noise, DeiT style). Eval: resize to img_size / crop_pct, center crop img_size.
@@ -123,8 +121,8 @@ def prepare_digits(cache_dir=None) -> Path:
     Layout: train/<digit>/<index>.png and val/<digit>/<index>.png, 8x8 8-bit grey, pixel value
     round(v * 255 / 16) of the original 0..16 intensity; <index> is the row in load_digits().
     Split: stratified by class, DIGITS_VAL_FRACTION to val, seed DIGITS_SPLIT_SEED (1,437 train /
-    360 val). The folder is built in a temporary directory and renamed into place, so a crash
-    or a concurrent run never leaves a half-written dataset behind.
+    360 val). Written through `atomic_write`, so a crash or a concurrent run never leaves a
+    half-written dataset behind.
     """
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -133,26 +131,21 @@ def prepare_digits(cache_dir=None) -> Path:
     target = Path(cache_dir or default_cache_dir()).expanduser() / "digits"
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).round().astype("uint8")  # (1797, 8, 8)
     labels = digits.target
     train_idx, val_idx = train_test_split(
         range(len(labels)), test_size=DIGITS_VAL_FRACTION, stratify=labels, random_state=DIGITS_SPLIT_SEED
     )
-    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=target.parent))
-    try:
+
+    def write_pngs(tmp):
         for split, indices in (("train", train_idx), ("val", val_idx)):
             for i in indices:
-                folder = tmp / split / str(labels[i])
+                folder = Path(tmp) / split / str(labels[i])
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(images[i]).save(folder / f"{i:04d}.png")
-        os.rename(tmp, target)
-    except OSError:
-        if not target.is_dir():  # a concurrent run that won the rename is fine; anything else is not
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write(target, write_pngs, directory=True)
     return target
 
 

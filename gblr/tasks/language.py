@@ -29,7 +29,8 @@ class CausalLM(Task):
         return self.data["block_size"]
 
     def load_data(self) -> None:
-        from gblr.data.text import TokenBlocks, build_text_data
+        from gblr.data.text import build_text_data
+        from gblr.data.token_stream import TokenBlocks
 
         d = self.data
         train_tokens, self.val_tokens, self.info = build_text_data(
@@ -58,7 +59,7 @@ class CausalLM(Task):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
     def evaluate(self, model) -> dict:
-        from gblr.data.text import evaluate_perplexity
+        from gblr.metrics import evaluate_perplexity
 
         result = evaluate_perplexity(model, self.val_tokens, self.data["block_size"], self.cfg.train.eval_batch_size,
                                      stride=self.data.get("eval_stride"), device=self.device)

@@ -1,0 +1,93 @@
+"""Tokenizers: a Hugging Face tokenizer from a folder or hub name, a locally trained byte-level BPE,
+and the fingerprint that keys every token cache.
+
+Encoding goes through the `tokenizers` backend (`backend`), so a Hugging Face fast tokenizer and a
+bare tokenizers.Tokenizer (the locally trained BPE) are used the same way. The fingerprint hashes
+the tokenizer's full json, so a cache made with one tokenizer is never read with another.
+"""
+
+from pathlib import Path
+
+from gblr.data.token_stream import sha1
+from gblr.hub import hub_offline, hub_reachable
+from gblr.report import atomic_write
+
+EOS = "<|endoftext|>"
+
+
+def load_tokenizer(name_or_path="gpt2"):
+    """A Hugging Face tokenizer from a local directory or, when online, a hub name (e.g. "gpt2").
+
+    Uses AutoTokenizer.from_pretrained: in transformers 5 the vocab_file=/merges_file= keyword
+    arguments are silently ignored and give an empty tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir() and (path.is_absolute() or str(name_or_path).startswith((".", "~"))):
+        raise FileNotFoundError(
+            f"tokenizer directory {path} does not exist; set data.tokenizer to a folder with "
+            "tokenizer.json (or vocab.json + merges.txt), e.g. one written by save_pretrained"
+        )
+    why = None
+    if not path.is_dir():  # a hub name: read the local HF cache only when the hub is off or unreachable
+        why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else None
+        if why is None and not hub_reachable():
+            why = "the Hugging Face hub cannot be reached"
+    try:
+        source = str(path) if path.is_dir() else name_or_path
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=bool(why))
+    except OSError as e:
+        raise FileNotFoundError(
+            f"tokenizer {name_or_path!r} is not a local directory and could not be loaded from the "
+            f"Hugging Face cache or hub ({why or str(e).splitlines()[0]}); set "
+            "data.tokenizer=/path/to/gpt2 (a folder with tokenizer.json or vocab.json + merges.txt)"
+        ) from None
+    if len(tokenizer) < 256:
+        raise ValueError(
+            f"tokenizer {name_or_path!r} has only {len(tokenizer)} tokens; a GPT-2 byte-level BPE has "
+            "at least 256 (was it built with vocab_file=/merges_file=, which transformers 5 ignores?)"
+        )
+    return tokenizer
+
+
+def byte_level_bpe(texts: list[str], vocab_size: int, path: Path):
+    """A byte-level BPE of vocab_size tokens trained on texts; trained once, then loaded from path.
+
+    path is the tokenizer.json to write (the `tokenizers` library's own format), through
+    `atomic_write`. Id 0 is <|endoftext|>; the 256 byte symbols are always in the vocabulary, so
+    any text encodes without unknown tokens. Returns a tokenizers.Tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 bytes + {EOS}")
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    atomic_write(path, tokenizer.save)
+    return tokenizer
+
+
+def backend(tokenizer):
+    """The tokenizers.Tokenizer under a Hugging Face fast tokenizer (or the object itself)."""
+    return getattr(tokenizer, "backend_tokenizer", tokenizer)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha1 (16 hex) of the tokenizer's full json: vocab, merges, normalizer, special tokens."""
+    return sha1(backend(tokenizer).to_str())[:16]
+
+
+def encode_lines(tokenizer, lines: list[str]) -> list[list[int]]:
+    """Token ids of each line on its own, no special tokens added."""
+    return [e.ids for e in backend(tokenizer).encode_batch_fast(lines, add_special_tokens=False)]
