@@ -6,17 +6,17 @@ the sweep goes on; a rerun of the same sweep skips the jobs whose results.json a
 import os
 import sys
 import traceback
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from gblr import distributed
+from gblr.config import CONFIG_DIR
 from gblr.runner import run
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "configs"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg):
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
