@@ -6,13 +6,13 @@ the sweep goes on; a rerun of the same sweep skips the jobs whose results.json a
 import os
 import sys
 import traceback
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from gblr import distributed
+from gblr.config import CONFIG_DIR
 from gblr.runner import run
 
 # Exit codes by kind of failure: 2 = bad input (nothing written), 3 = a diverged run (the last
@@ -20,7 +20,7 @@ from gblr.runner import run
 EXIT_CODES = {ValueError: 2, FileNotFoundError: 2, FloatingPointError: 3}
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "configs"), config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg):
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:

@@ -1,4 +1,4 @@
-"""Tokens per second of one GPT-2 small training step per weight type, relative to dense (issue 4).
+"""Tokens per second of one GPT-2 small training step per weight type, relative to dense.
 
     python scripts/bench_gpt2_step.py                          # CPU: batch 1 x 1024 tokens, ~5 min on 2 busy cores
     python scripts/bench_gpt2_step.py --batch 8 --repeats 10   # on a GPU (bf16 autocast)
@@ -33,13 +33,12 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from gblr.flops import count_macs  # noqa: E402
-from gblr.models import build_gpt2  # noqa: E402
-from gblr.report import versions, write_json  # noqa: E402
-from gblr.surgery import replace_layers  # noqa: E402
-from gblr.train import WidthBudget, param_groups  # noqa: E402
+from gblr.config import ROOT, compose
+from gblr.flops import count_macs
+from gblr.models import build_gpt2
+from gblr.report import versions, write_json
+from gblr.surgery import replace_layers
+from gblr.train import WidthBudget, param_groups
 
 KINDS = ("dense", "lowrank", "monarch", "gblr")
 PRESET = "gpt2_wikitext103_ft"
@@ -47,10 +46,7 @@ PRESET = "gpt2_wikitext103_ft"
 
 def paper_point(kind: str):
     """(targets, budget, options, train settings) of the paper preset for this weight type."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={PRESET}", f"weight={kind}"])
+    cfg = compose(f"experiment={PRESET}", f"weight={kind}")
     weight = OmegaConf.to_container(cfg.weight, resolve=True)
     options = {k: v for k, v in weight.get("options", {}).items() if v is not None}
     return weight["targets"], float(cfg.budget), options, cfg.train

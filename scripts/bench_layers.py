@@ -1,4 +1,4 @@
-"""Wall-clock benchmark of the four weight types at ViT-B / GPT-2 layer shapes (SPEC §3-§4).
+"""Wall-clock benchmark of the four weight types at ViT-B / GPT-2 layer shapes.
 
     python scripts/bench_layers.py --quick                  # smoke run, under a minute on 2 CPU cores
     python scripts/bench_layers.py                          # full default run, ~10-15 min on 2 CPU cores
@@ -37,9 +37,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gblr.budget import project_widths  # noqa: E402
-from gblr.layers import build, from_dense, to_inference  # noqa: E402
+from gblr.budget import project_widths
+from gblr.layers import build, from_dense, to_inference
 
 FULL = dict(shapes="768x768,768x3072,3072x768", tokens="197,4096,25216", budgets="0.25,0.5", repeats=5)
 QUICK = dict(shapes="768x768", tokens="197,4096", budgets="0.25", repeats=2)
@@ -178,7 +177,7 @@ def run(args) -> dict:
 
 
 def targets(rows: list[dict], device) -> list[dict]:
-    """The SPEC's targets at 4096 tokens (defined for CPU; on CUDA they are informational)."""
+    """The speed targets at 4096 tokens (TARGETS: defined for CPU; on CUDA they are informational)."""
     checks = []
     for row in rows:
         if row["tokens"] != 4096 or "error" in row or row.get("kind") == "dense":
@@ -226,7 +225,7 @@ def print_table(result: dict) -> None:
         cells = [fmt(r.get(key), spec).rjust(width) for key, spec, width in COLUMNS]
         print(f"{r['shape']:>9} {r['tokens']:>6} {r['variant']:<26} {r['budget']:>6.2f} {' '.join(cells)}  {note}")
     if result["targets"]:
-        print(f"\n# targets at 4096 tokens (SPEC: on CPU; this run: {result['meta']['device']})")
+        print(f"\n# targets at 4096 tokens (defined on CPU; this run: {result['meta']['device']})")
         for t in result["targets"]:
             print(f"{'PASS' if t['passed'] else 'FAIL'} {t['shape']:>9} {t['variant']:<26} b={t['budget']:.2f} "
                   f"{t['metric']} = {t['value']:.2f} (<= {t['limit']})")

@@ -1,4 +1,4 @@
-"""Wall time and peak memory: one ViT-B training step per weight type, and the default run (issue 3).
+"""Wall time and peak memory: one ViT-B training step per weight type, and the default run.
 
     python scripts/bench_vit_step.py                     # both parts: ~45 min on 2 CPU cores at load ~5
     python scripts/bench_vit_step.py --step --batch 16   # the step part only (~37 min at batch 64), smaller batch
@@ -37,13 +37,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from gblr.layers import StructuredLinear, build  # noqa: E402
-from gblr.models import build_vit  # noqa: E402
-from gblr.report import versions, write_json  # noqa: E402
-from gblr.surgery import VIT_TARGETS, split_qkv  # noqa: E402
-from gblr.train import WidthBudget, param_groups  # noqa: E402
+from gblr.config import ROOT
+from gblr.layers import StructuredLinear, build
+from gblr.models import build_vit
+from gblr.report import versions, write_json
+from gblr.surgery import VIT_TARGETS, split_qkv
+from gblr.train import WidthBudget, param_groups
 
 MIB = 1024  # ru_maxrss is in KiB on Linux
 

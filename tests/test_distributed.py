@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from gblr.config import ROOT
 
 SETTINGS = ["start.epochs=2", "train.epochs=1", "train.batch_size=64", "weight=gblr"]
 

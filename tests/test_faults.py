@@ -1,4 +1,4 @@
-"""Surviving faults (issue 6): preemption signals and non-finite losses."""
+"""Surviving faults: preemption signals and non-finite losses."""
 import os
 import signal
 import subprocess
@@ -9,7 +9,7 @@ import torch
 
 import gblr.runner
 import gblr.tasks
-from conftest import ROOT, compose_config
+from gblr.config import ROOT, compose
 from gblr.runner import run
 
 SETTINGS = ["start.epochs=3", "train.epochs=2", "train.batch_size=128", "weight=gblr"]
@@ -32,7 +32,7 @@ def signal_at(monkeypatch, step: int, signum=signal.SIGTERM):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, cache_dir):
     """The uninterrupted run the interrupted ones must match."""
-    return run(compose_config(f"cache_dir={cache_dir}", *SETTINGS, f"out_dir={tmp_path_factory.mktemp('straight')}"))
+    return run(compose(f"cache_dir={cache_dir}", *SETTINGS, f"out_dir={tmp_path_factory.mktemp('straight')}"))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
@@ -41,22 +41,22 @@ def test_a_preempted_run_resumes_mid_epoch_to_the_same_final_metrics(tmp_path, c
     common = [f"cache_dir={cache_dir}", *SETTINGS]
     with monkeypatch.context() as patch:
         signal_at(patch, 5, signum)  # 11 steps per epoch: mid-epoch 1
-        stopped = run(compose_config(*common, f"out_dir={tmp_path / 'stopped'}"))
+        stopped = run(compose(*common, f"out_dir={tmp_path / 'stopped'}"))
     assert stopped["completed"] is False
     state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 0 and state["position"]["step"] == 5
     assert not (tmp_path / "stopped" / "results.json").exists()
-    resumed = run(compose_config(*common, f"out_dir={tmp_path / 'stopped'}", "resume=true"))
+    resumed = run(compose(*common, f"out_dir={tmp_path / 'stopped'}", "resume=true"))
     assert resumed["metrics"] == straight["metrics"]
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in straight["history"]])
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
-    # A subprocess, to see the exit code: fine-tuning's loss becomes NaN at epoch 2, step 3.
+    # A subprocess, to see the exit code: fine-tuning's loss becomes NaN at epoch 2, step 3. It imports
+    # gblr and run.py from the checkout through PYTHONPATH.
     script = tmp_path / "nan_run.py"
     script.write_text(
-        "import sys, torch\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch\n"
         "import gblr.runner as runner\nimport gblr.tasks as tasks\n"
         "original, calls = tasks.ImageClassification.loss, [0]\n"
         "def loss(self, model, batch):\n"
@@ -93,5 +93,5 @@ def test_bad_steps_can_be_skipped_a_bounded_number_of_times(tmp_path, cache_dir,
         return value
 
     monkeypatch.setattr(gblr.tasks.ImageClassification, "loss", loss)
-    result = run(compose_config(f"cache_dir={cache_dir}", f"out_dir={tmp_path}", *SETTINGS, "train.max_bad_steps=2"))
+    result = run(compose(f"cache_dir={cache_dir}", f"out_dir={tmp_path}", *SETTINGS, "train.max_bad_steps=2"))
     assert result["completed"] and result["flops"]["replaced"] <= 0.3

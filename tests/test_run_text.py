@@ -10,7 +10,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
+from gblr.config import ROOT, compose
 from gblr.data.text import build_text_data
 from gblr.metrics import unigram_perplexity
 from gblr.models import gpt2_context
@@ -60,7 +60,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def test_presets_compose_with_the_paper_settings():
-    paper = compose_config(PAPER)
+    paper = compose(PAPER)
     assert (paper.model.name, paper.model.task._target_, paper.data.name) == ("gpt2", "gblr.tasks.CausalLM", "wikitext103")
     assert paper.budget == 7 / 22  # the float nearest 7/22: 43.75% in the paper convention
     assert (paper.data.block_size, paper.data.vocab_size, paper.data.tokenizer) == (1024, 50257, "gpt2")
@@ -71,21 +71,21 @@ def test_presets_compose_with_the_paper_settings():
     # The paper's structure per weight type; the other types' keys resolve to null (not passed on).
     expected = {"dense": {}, "lowrank": {"rank": 192}, "monarch": {"nblocks": 4}, "gblr": {"rank_ratio": 0.25, "rank": 1}}
     for kind, options in expected.items():
-        given = OmegaConf.to_container(compose_config(PAPER, f"weight={kind}").weight.options, resolve=True)
+        given = OmegaConf.to_container(compose(PAPER, f"weight={kind}").weight.options, resolve=True)
         paper_keys = {k: v for k, v in given.items() if k in ("rank", "nblocks", "rank_ratio") and v is not None}
         assert paper_keys == options, (kind, given)
-    assert compose_config(PAPER, "weight=lowrank", "weight.options.rank=96").weight.options.rank == 96
+    assert compose(PAPER, "weight=lowrank", "weight.options.rank=96").weight.options.rank == 96
 
-    tiny = compose_config(EMBEDDED)
+    tiny = compose(EMBEDDED)
     assert (tiny.model.name, tiny.data.name, tiny.model.pretrained, tiny.data.tokenizer) == ("gpt2_tiny", "pydoc", None, None)
     assert tiny.data.block_size <= gpt2_context(tiny.model.name, tiny.model.kwargs)
-    assert tiny.weight.kind == "gblr" and tiny.budget == compose_config().budget  # the default weight type and budget
+    assert tiny.weight.kind == "gblr" and tiny.budget == compose().budget  # the default weight type and budget
 
 
 @pytest.mark.parametrize("weight", ["dense", "lowrank", "monarch", "gblr"])
 def test_paper_preset_dry_run_on_random_gpt2_small_is_43_75_percent(tmp_path, weight):
     # nothing downloaded: offline, dry_run builds GPT2Config() randomly initialized and says so
-    result = run(compose_config(PAPER, f"weight={weight}", "dry_run=true", f"out_dir={tmp_path}"))
+    result = run(compose(PAPER, f"weight={weight}", "dry_run=true", f"out_dir={tmp_path}"))
     assert "random init" in result["weights"] and "HF_HUB_OFFLINE" in result["weights"]
     flops = result["flops"]
     assert flops["tokens"] == 1024 and flops["paper_convention"] is not None
@@ -105,7 +105,7 @@ def test_paper_preset_dry_run_on_random_gpt2_small_is_43_75_percent(tmp_path, we
 
 @pytest.mark.e2e
 def test_embedded_run_beats_unigram_and_gblr_stays_near_the_dense_start(tmp_path, cache_dir):
-    cfg = compose_config(EMBEDDED, f"cache_dir={cache_dir}", f"out_dir={tmp_path}")
+    cfg = compose(EMBEDDED, f"cache_dir={cache_dir}", f"out_dir={tmp_path}")
     result = run(cfg)
     m = result["metrics"]
     train, val, info = build_text_data("pydoc", cache_dir=cache_dir, vocab_size=cfg.data.vocab_size,
@@ -124,7 +124,7 @@ def test_embedded_run_beats_unigram_and_gblr_stays_near_the_dense_start(tmp_path
 @pytest.mark.parametrize("weight", ["dense", "lowrank", "monarch", "gblr"])
 def test_every_weight_type_fine_tunes_within_the_budget(tmp_path, cache_dir, weight):
     # one short dense start shared by the four (cached), one epoch of fine-tuning each
-    result = run(compose_config(EMBEDDED, f"weight={weight}", f"cache_dir={cache_dir}", f"out_dir={tmp_path}",
+    result = run(compose(EMBEDDED, f"weight={weight}", f"cache_dir={cache_dir}", f"out_dir={tmp_path}",
                                 "start.epochs=1", "train.epochs=1"))
     m = result["metrics"]
     assert {"ppl", "start_ppl", "converted_ppl"} <= set(m) and all(1 < m[k] < 2 * 2048 for k in ("ppl", "start_ppl"))
@@ -177,7 +177,7 @@ def test_bad_text_input_raises_one_line_errors_before_any_model(tmp_path, tokeni
         "missing tokenizer": ([PAPER, f"data.tokenizer={missing}"], FileNotFoundError, [str(missing), "data.tokenizer"]),
     }[case]
     with pytest.raises(error) as raised:
-        run(compose_config(*overrides, f"cache_dir={tmp_path}", f"out_dir={tmp_path / 'run'}"))
+        run(compose(*overrides, f"cache_dir={tmp_path}", f"out_dir={tmp_path / 'run'}"))
     message = str(raised.value)
     assert "\n" not in message and all(f in message for f in fragments), message
     assert not (tmp_path / "run").exists()

@@ -7,14 +7,14 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
+from gblr.config import ROOT, compose
 from gblr.runner import run
 
 QUICK = ["start.epochs=3", "train.epochs=1", "train.batch_size=128"]
 
 
 def quick_run(tmp_path, cache_dir, *overrides):
-    cfg = compose_config(f"cache_dir={cache_dir}", f"out_dir={tmp_path}", *QUICK, *overrides)
+    cfg = compose(f"cache_dir={cache_dir}", f"out_dir={tmp_path}", *QUICK, *overrides)
     return run(cfg)
 
 
@@ -41,7 +41,7 @@ def test_every_weight_type_runs_end_to_end_on_the_embedded_digits(tmp_path, cach
 @pytest.mark.parametrize("weight", ["lowrank", "monarch", "gblr"])
 @pytest.mark.parametrize("budget", [0.12, 0.3, 0.55, 0.8])
 def test_reported_macs_never_exceed_the_budget(tmp_path, weight, budget):
-    result = run(compose_config(f"out_dir={tmp_path}", f"weight={weight}", f"budget={budget}", "dry_run=true"))
+    result = run(compose(f"out_dir={tmp_path}", f"weight={weight}", f"budget={budget}", "dry_run=true"))
     assert result["flops"]["replaced"] <= budget
     total = sum(layer["macs_per_token"] for layer in result["layers"])
     assert total == result["flops"]["replaced_macs"] // result["flops"]["tokens"]
@@ -58,12 +58,12 @@ def test_gblr_budget_modes_meet_the_budget_after_training(tmp_path, cache_dir):
 
 def test_dry_run_of_dense_vit_base_reports_its_17_56_g_macs(tmp_path):
     # The issue's command: with the default data (10 digit classes) only the head is smaller.
-    result = run(compose_config(f"out_dir={tmp_path}", "model=vit_base", "weight=dense", "dry_run=true"))
+    result = run(compose(f"out_dir={tmp_path}", "model=vit_base", "weight=dense", "dry_run=true"))
     assert result["flops"]["macs"] == pytest.approx(17.56e9, rel=1e-3)
     assert "random init" in result["weights"] and "not loaded" in result["weights"]  # offline: says so
     assert (tmp_path / "results.json").exists() and result["metrics"] == {}
     # With ImageNet's 1000 classes (a dry run reads no data): SPEC §6's sum exactly (17.56 G).
-    result = run(compose_config(f"out_dir={tmp_path}", "model=vit_base", "data=imagenet", "weight=dense", "dry_run=true"))
+    result = run(compose(f"out_dir={tmp_path}", "model=vit_base", "data=imagenet", "weight=dense", "dry_run=true"))
     assert result["flops"]["dense_macs"] == result["flops"]["macs"] == 12 * (1_394_343_936 + 59_610_624) + 115_605_504 + 768_000  # 17,563,828,224
 
 
@@ -73,11 +73,11 @@ def test_every_config_option_composes():
     assert {"vit_tiny", "vit_base"} <= set(groups["model"]) and len(groups["weight"]) == 4
     for group, options in groups.items():
         for option in options:
-            cfg = compose_config(f"{group}={option}")
+            cfg = compose(f"{group}={option}")
             plain = OmegaConf.to_container(cfg, resolve=True)
             assert "targets" not in plain["weight"] and plain["model"]["targets"]  # the model owns its targets
             assert 0 < plain["budget"] <= 1
-    paper = compose_config("experiment=vit_base_imagenet_ft")
+    paper = compose("experiment=vit_base_imagenet_ft")
     assert (paper.model.name, paper.data.name, paper.train.epochs, paper.train.lr) == ("vit_base", "imagenet", 35, 1e-4)
     task = paper.model.task
     assert task.mixup == 0.8 and task.cutmix == 1.0 and paper.data.auto_augment == "rand-m9-mstd0.5-inc1"
@@ -125,7 +125,7 @@ def test_command_line_errors_are_one_line_with_a_nonzero_exit(tmp_path, override
 
 @pytest.mark.e2e
 def test_default_run_dense_start_above_90_and_gblr_within_5_points(tmp_path, cache_dir):
-    result = run(compose_config(f"cache_dir={cache_dir}", f"out_dir={tmp_path}"))  # python run.py
+    result = run(compose(f"cache_dir={cache_dir}", f"out_dir={tmp_path}"))  # python run.py
     assert (result["model"], result["data"], result["weight"], result["budget"]) == ("vit_tiny", "digits", "gblr", 0.3)
     assert result["metrics"]["start_top1"] >= 90
     assert result["metrics"]["top1"] >= result["metrics"]["start_top1"] - 5
