@@ -19,19 +19,23 @@ raises.
 import os
 
 import timm
+from omegaconf import OmegaConf
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from gblr.config import CONFIG_DIR
 from gblr.hub import WEIGHT_SUFFIXES, find_pretrained
 
+def _tiny_kwargs(name: str) -> dict:
+    """The tiny models' architecture, owned by their config file (configs/model/NAME.yaml, kwargs)."""
+    return dict(OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml").kwargs)
+
+
 # timm's VisionTransformer arguments of the tiny ViT: 8x8 digits upscaled to 32x32, 8x8 patches of 4 px.
-VIT_TINY = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=64, depth=4, num_heads=4,
-                mlp_ratio=4.0)
+VIT_TINY = dict(in_chans=3, num_classes=10, mlp_ratio=4.0, **_tiny_kwargs("vit_tiny"))
 # GPT2Config overrides of the tiny GPT-2; every other field keeps GPT2Config's default (vocab 50257).
-# GPT-2's initializer_range 0.02 suits 768 wide; at 64 wide it leaves the model at the unigram
-# plateau for hundreds of steps (measured on pydoc: 167 -> 73 validation perplexity after 5 epochs).
-GPT2_TINY = dict(n_embd=64, n_layer=2, n_head=2, n_positions=128, initializer_range=0.05)
+GPT2_TINY = _tiny_kwargs("gpt2_tiny")
 
 
 def vit_input_size(name: str, kwargs: dict) -> int:

@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 from gblr.config import ROOT, compose
 from gblr.data.text import build_text_data
 from gblr.metrics import unigram_perplexity
-from gblr.models import gpt2_context
 from gblr.runner import run
 
 EMBEDDED = "experiment=gpt2_tiny_pydoc"
@@ -78,7 +77,7 @@ def test_presets_compose_with_the_paper_settings():
 
     tiny = compose(EMBEDDED)
     assert (tiny.model.name, tiny.data.name, tiny.model.pretrained, tiny.data.tokenizer) == ("gpt2_tiny", "pydoc", None, None)
-    assert tiny.data.block_size <= gpt2_context(tiny.model.name, tiny.model.kwargs)
+    assert tiny.data.block_size <= tiny.model.kwargs.n_positions
     assert tiny.weight.kind == "gblr" and tiny.budget == compose().budget  # the default weight type and budget
 
 
