@@ -4,7 +4,7 @@ and the ``Budget`` that holds a model within it while it trains (docs/method.md,
 The cost of a layer is its ``macs_per_token()``: component k with hard widths a (output) and b
 (input) costs min(r (a + b), a b) MACs, 0 if either is 0 (``gblr.layers.gblr.component_macs``;
 the rounding rule is ``gblr.layers.gaudi.hard_widths``). The paper holds the cost down with a
-proximal soft-threshold on the widths (arXiv 2310.18882, Sec. 3.3). Here the budget is a hard
+proximal soft-threshold on the widths (arXiv 2310.18882, proximal gradient descent). Here the budget is a hard
 constraint in MACs: after every optimizer step each width is soft-thresholded by tau times its
 price (r * n_axis MACs per unit of normalized width), with the smallest tau, found by bisection,
 that brings the summed cost of the layers within the budget. Because tau is shared, the layers

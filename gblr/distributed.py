@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (issue 6): one process per device, gradients averaged.
+"""Data-parallel training under torchrun: one process per device, gradients averaged.
 
 Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op for one process, so the
 rest of the code reads the same either way. Under torchrun, each rank trains on its slice of every

@@ -1,5 +1,5 @@
 """The budgeted fit of a GBLR layer to a dense weight: the paper's ViT initialization
-(arXiv 2310.18882, Sec. 4.1; docs/method.md, "Initialization").
+(arXiv 2310.18882, its initialization for fine-tuning; docs/method.md).
 
 It lives above ``gblr.layers`` because it needs the budget projection (``gblr.budget``).
 ``from_dense`` is ``gblr.layers.from_dense`` with one more choice for GBLR, ``init="fit"``:

@@ -1,4 +1,4 @@
-"""Analytic MAC accounting of a forward pass, in the three conventions of SPEC §6.
+"""Analytic MAC accounting of a forward pass, in the three conventions of docs/method.md.
 
 Everything here is in MACs (multiply-accumulates; 1 MAC = 2 FLOPs). Vision papers call MACs
 "FLOPs" ("ViT-B 17.6 GFLOPs"), and so does the Gaudi-GBLR paper. Structured layers are counted
@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from gblr.layers import StructuredLinear
 from gblr.surgery import structured_layers
 
-# Paper denominators (SPEC §6). ViT-B/16: the paper's dense model, 17.2 G. GPT-2 small at 1024
+# Paper denominators. ViT-B/16: the paper's dense model, 17.2 G. GPT-2 small at 1024
 # tokens: 12 * (1024 * 768 * (2304 + 768 + 3072 + 3072) + 1024^2 * 768), printed as 9.66e10.
 VIT_B16_PAPER_DENSE_MACS = 1.72e10
 VIT_B16_PAPER_TOKENS = 196  # the paper counts its structured layers at the 196 patches, without the class token
@@ -90,7 +90,7 @@ def vit_macs(model: VisionTransformer, tokens: int | None = None) -> dict:
     model's own (197 for ViT-B/16 at 224 px). Blocks' linears run on T tokens, attention costs
     2 T^2 attn_dim per block, the patch conv (T - prefix) * embed_dim * in_chans * p^2, the head
     one token (pooled). Returns the dict of ``count_macs``; relative_paper only for ViT-B/16 at
-    224 px: structured layers at 196 tokens, everything else as counted here, over 1.72e10 (SPEC §6).
+    224 px: structured layers at 196 tokens, everything else as counted here, over 1.72e10.
     """
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"vit_macs needs a timm VisionTransformer, got {type(model).__name__}")
@@ -127,7 +127,7 @@ def gpt2_macs(model: nn.Module, seq_len: int | None = None) -> dict:
     head) runs on all T tokens; attention costs 2 T^2 n_embd per block; embeddings cost nothing.
     Returns the dict of ``count_macs``. relative_paper (GPT-2 small only) is the paper's formula at
     a fixed 1024 tokens whatever seq_len is: (block linears' MACs/token * 1024 + 12 * 1024^2 * 768)
-    / 96,636,764,160, LM head and embeddings excluded (SPEC §6).
+    / 96,636,764,160, LM head and embeddings excluded.
     """
     attentions = [m for m in model.modules() if isinstance(m, GPT2Attention)]
     if not attentions:

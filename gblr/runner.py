@@ -17,7 +17,8 @@ from gblr import distributed
 from gblr.budget import Budget, check_mode
 from gblr.flops import flop_report, per_layer_report
 from gblr.layers import check_budget, layer_class
-from gblr.report import save_checkpoint, summary_table, versions, write_json
+from gblr.analysis import summary_table
+from gblr.files import save_checkpoint, versions, write_json
 from gblr.surgery import replace_layers
 from gblr.tasks import build_task, plain
 from gblr.tracking import Logger

@@ -1,4 +1,4 @@
-"""Replace a model's linear layers by structured ones (arXiv 2310.18882, Sec. 4).
+"""Replace a model's linear layers by structured ones (arXiv 2310.18882, experiments; docs/method.md).
 
 Targets are module-name suffixes: "mlp.fc1" matches ``blocks.3.mlp.fc1``. The paper replaces
 - in a timm ViT: q, k, v (timm's fused ``attn.qkv`` split into three d x d layers), fc1, fc2;

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gblr import distributed
-from gblr.report import save_checkpoint
+from gblr.files import save_checkpoint
 
 
 def seed_everything(seed: int) -> None:

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from gblr.config import ROOT, compose
 from gblr.flops import count_macs
 from gblr.models import build_gpt2
-from gblr.report import versions, write_json
+from gblr.files import versions, write_json
 from gblr.surgery import replace_layers
 from gblr.train import WidthBudget, param_groups
 

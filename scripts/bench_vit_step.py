@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from gblr.config import ROOT
 from gblr.layers import StructuredLinear, build
 from gblr.models import build_vit
-from gblr.report import versions, write_json
+from gblr.files import versions, write_json
 from gblr.surgery import VIT_TARGETS, split_qkv
 from gblr.train import WidthBudget, param_groups
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's GPT-2 small WikiText-103 comparison (SPEC §7-§8; configs/sweep/paper_gpt2_wikitext103.yaml):
+# The paper's GPT-2 small WikiText-103 comparison (configs/sweep/paper_gpt2_wikitext103.yaml):
 # dense, low-rank (rank 192), Monarch (4 blocks) and GBLR (quarter widths) in attn.c_attn, mlp.c_fc
 # and mlp.c_proj, all at 43.75% relative MACs in the paper convention, fine-tuned 10 epochs;
 # perplexity on the validation split. The paper: dense 19.36, low-rank 19.48, Monarch 20.56,
@@ -20,7 +20,7 @@
 # structured layers; GBLR materializes its weight while training, as the paper does) 1-3 hours per
 # run; 4 runs: 4-12 GPU-hours. A rerun skips finished jobs.
 #
-# The recipe (SPEC §7) is experiment gpt2_wikitext103_ft: AdamW lr 1.5e-3 (structure too), weight
+# The recipe is experiment gpt2_wikitext103_ft: AdamW lr 1.5e-3 (structure too), weight
 # decay 0.1, 1 warm-up epoch then linear decay, grad clip 1.0, 10 epochs, batch 512 x 1024 tokens.
 #
 # Environment: WIKITEXT, PRETRAINED, TOKENIZER, ACCUM, WEIGHTS (default dense,lowrank,monarch,gblr),

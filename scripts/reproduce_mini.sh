@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's comparison in miniature: offline, on CPU, on embedded data (SPEC §7).
+# The paper's comparison in miniature: offline, on CPU, on embedded data (docs/method.md, "Recipes").
 #
 #   vision    vit_tiny on scikit-learn's 8x8 digits (NOT ImageNet)         configs/sweep/mini_vision.yaml
 #   language  gpt2_tiny on CPython's pydoc text (NOT WikiText-103)          configs/sweep/mini_language.yaml

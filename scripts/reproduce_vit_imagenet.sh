@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's ViT-B/16 ImageNet fine-tuning comparison (SPEC §7-§8; configs/sweep/paper_vit_imagenet_ft.yaml):
+# The paper's ViT-B/16 ImageNet fine-tuning comparison (configs/sweep/paper_vit_imagenet_ft.yaml):
 # from a dense ViT-B/16, low-rank, Monarch and GBLR at budgets 0.14, 0.19 and 0.25 of the replaced
 # layers' (q, k, v, fc1, fc2) dense MACs, i.e. about 25%, 30% and 35% relative MACs in the paper
 # convention, plus the dense model fine-tuned alike; the paper's recipe for every weight type

@@ -1,4 +1,4 @@
-"""The global FLOP-weighted width projection (SPEC §5)."""
+"""The global FLOP-weighted width projection."""
 import pytest
 import torch
 

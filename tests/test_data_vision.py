@@ -33,7 +33,7 @@ def test_imagenet_folder_loads_with_timm_transforms(tmp_path):
     assert torch.equal(val[4][0], image)  # eval transform is deterministic (resize + center crop)
     assert train[0][0].shape == (3, 32, 32)
     assert info["root"] == str(root) and "ImageNet" in info["description"]
-    train_tf = str(train.transform)  # the paper's fine-tuning recipe (SPEC §7)
+    train_tf = str(train.transform)  # the paper's fine-tuning recipe
     assert "RandAugment" in train_tf and "RandomErasing(p=0.25" in train_tf and "bicubic" in train_tf
     assert "Resize(size=35" in str(val.transform)  # crop_pct 0.9: 32 / 0.9 -> 35, then center crop
 

@@ -1,4 +1,4 @@
-"""Data parallel under torchrun (issue 6): 2 CPU processes (gloo) match one process."""
+"""Data parallel under torchrun: 2 CPU processes (gloo) match one process."""
 import json
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""gblr.flops: analytic MACs against SPEC §6's reference numbers and torch's FLOP counter."""
+"""gblr.flops: analytic MACs against hand-computed reference numbers and torch's FLOP counter."""
 import pytest
 import torch
 from torch import nn
@@ -9,7 +9,7 @@ from gblr.layers import build
 from gblr.models import build_gpt2, build_vit
 from gblr.surgery import GPT2_TARGETS, replace_layers, split_qkv
 
-# SPEC §6, ViT-B/16 at 224 px: 197 tokens, 12 blocks.
+# ViT-B/16 at 224 px: 197 tokens, 12 blocks.
 VIT_B_LINEARS_PER_BLOCK = 1_394_343_936
 VIT_B_ATTENTION_PER_BLOCK = 59_610_624
 VIT_B_PATCH_CONV = 115_605_504
@@ -96,7 +96,7 @@ def test_tiny_models_have_no_paper_convention():
 
 def test_dense_vit_matches_torch_flop_counter():
     model = build_vit("vit_tiny", depth=2)[0].eval()
-    for module in model.modules():  # fused SDPA is invisible to the counter on CPU (SPEC §6)
+    for module in model.modules():  # fused SDPA is invisible to the counter on CPU
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
     report = count_macs(model)

@@ -1,4 +1,4 @@
-"""The Gaudi mask (SPEC §2): boxcar identity, Gaussian smoothing, gradients."""
+"""The Gaudi mask: boxcar identity, Gaussian smoothing, gradients."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The four weight types (SPEC §3-§4): budgets, exact forward, projections, dtypes, errors."""
+"""The four weight types: budgets, exact forward, projections, dtypes, errors."""
 import pytest
 import torch
 

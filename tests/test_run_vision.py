@@ -1,4 +1,4 @@
-"""The runner on the vision path (issue 3): configs, results, budgets, resume, bad input."""
+"""The runner on the vision path: configs, results, budgets, resume, bad input."""
 import json
 import os
 import subprocess
@@ -62,7 +62,7 @@ def test_dry_run_of_dense_vit_base_reports_its_17_56_g_macs(tmp_path):
     assert result["flops"]["macs"] == pytest.approx(17.56e9, rel=1e-3)
     assert "random init" in result["weights"] and "not loaded" in result["weights"]  # offline: says so
     assert (tmp_path / "results.json").exists() and result["metrics"] == {}
-    # With ImageNet's 1000 classes (a dry run reads no data): SPEC §6's sum exactly (17.56 G).
+    # With ImageNet's 1000 classes (a dry run reads no data): the per-block sum exactly (17.56 G).
     result = run(compose(f"out_dir={tmp_path}", "model=vit_base", "data=imagenet", "weight=dense", "dry_run=true"))
     assert result["flops"]["dense_macs"] == result["flops"]["macs"] == 12 * (1_394_343_936 + 59_610_624) + 115_605_504 + 768_000  # 17,563,828,224
 

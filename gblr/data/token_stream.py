@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from gblr.data import default_cache_dir
-from gblr.report import atomic_write
+from gblr.files import atomic_write
 
 
 def sha1(text: str) -> str:

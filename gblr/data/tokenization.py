@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gblr.data.token_stream import sha1
 from gblr.hub import hub_offline, hub_reachable
-from gblr.report import atomic_write
+from gblr.files import atomic_write
 
 EOS = "<|endoftext|>"
 

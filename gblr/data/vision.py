@@ -18,7 +18,7 @@ from pathlib import Path
 from torchvision import datasets, transforms
 
 from gblr.data import default_cache_dir
-from gblr.report import atomic_write
+from gblr.files import atomic_write
 
 # timm's default ViT-B/16 weights (augreg) normalize with mean = std = 0.5. Pass the
 # model's own pretrained_cfg mean/std when it differs (e.g. DeiT weights use ImageNet mean/std).

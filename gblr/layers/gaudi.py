@@ -1,4 +1,4 @@
-"""The Gaussian-Dirichlet (Gaudi) mask of Gaudi-GBLR (Lee & Kim, ICLR 2024, Sec. 3.2; SPEC §2).
+"""The Gaussian-Dirichlet (Gaudi) mask of Gaudi-GBLR (Lee & Kim, ICLR 2024, arXiv 2310.18882; docs/method.md).
 
 A mask of length n selects a cyclic interval: ``m[t] = 1 if (t - L) mod n < W else 0`` for a width W
 and a location L in elements. A boxcar has no gradient in W or L, so the paper writes it in the DFT
@@ -33,7 +33,7 @@ def boxcar(widths: torch.Tensor, locations: torch.Tensor, n: int) -> torch.Tenso
 
 
 def dirichlet_mask(w: torch.Tensor, l: torch.Tensor, n: int, sigma: float | None = None) -> torch.Tensor:
-    """The closed form of SPEC §2 at continuous (w, l), in the dtype of ``w``; (...) -> (..., n).
+    """The paper's closed form (docs/method.md, "The Gaudi mask") at continuous (w, l), in the dtype of ``w``; (...) -> (..., n).
 
         M[k] = n w sinc(k w) / sinc(k / n) exp(-j pi k (2 l + w - 1/n)) G[k],   k = 0..n//2
         G[k] = exp(-k^2 / (2 sigma^2))  (1 when sigma is None),                mask = irfft(M, n)

@@ -1,4 +1,4 @@
-"""Gaudi-GBLR weight (Lee & Kim, ICLR 2024, arXiv 2310.18882, Sec. 3; docs/method.md).
+"""Gaudi-GBLR weight (Lee & Kim, ICLR 2024, arXiv 2310.18882; docs/method.md).
 
     W = sum_k (m_out_k * U_k) (m_in_k * V_k)^T,     k = 1..K,
 

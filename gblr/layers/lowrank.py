@@ -12,7 +12,7 @@ def svd_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     """Best rank-``rank`` factors of an (m, n) matrix: (U sqrt(S) (m, r), sqrt(S) V^T (r, n)).
 
     Computed in float64, returned in the weight's dtype; the split of S is balanced so that both
-    factors have the same scale (SPEC §4).
+    factors have the same scale.
     """
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
     root = s[:rank].sqrt()
