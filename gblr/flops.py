@@ -27,6 +27,11 @@ VIT_B16_PAPER_DENSE_MACS = 1.72e10
 VIT_B16_PAPER_TOKENS = 196  # the paper counts its structured layers at the 196 patches, without the class token
 GPT2_PAPER_DENSE_MACS = 96_636_764_160
 GPT2_PAPER_TOKENS = 1024
+# The official code's counters (docs/method.md, "The three FLOP conventions"): for ViT-B/16 fvcore's
+# leaf modules only (no attention matmuls; LayerNorms at 5 per element), over 1.72e10; for GPT-2 the
+# formula above over the printed 9.66e10.
+LAYER_NORM_MACS_PER_ELEMENT = 5
+GPT2_OFFICIAL_DENSE_MACS = 9.66e10
 
 
 def _linear_costs(module: nn.Module) -> tuple[int, int, bool] | None:
@@ -54,7 +59,8 @@ def _linears(model: nn.Module):
 
 
 def _report(layers, other_macs: int, attention_macs: int, tokens: int, paper_macs: float | None,
-            paper_dense_macs: float | None, paper_convention: str | None) -> dict:
+            paper_dense_macs: float | None, paper_convention: str | None,
+            official_ratio: float | None = None) -> dict:
     """The MAC report (see ``count_macs``) from (name, tokens, MACs/token, dense MACs/token, structured?) rows."""
     linear = sum(t * mpt for _, t, mpt, _, _ in layers)
     linear_dense = sum(t * dense for _, t, _, dense, _ in layers)
@@ -74,6 +80,7 @@ def _report(layers, other_macs: int, attention_macs: int, tokens: int, paper_mac
         "relative_paper": paper_macs / paper_dense_macs if paper_macs is not None else None,
         "paper_macs": paper_macs,
         "paper_convention": paper_convention,
+        "relative_paper_official": official_ratio,
     }
 
 
@@ -104,14 +111,18 @@ def vit_macs(model: VisionTransformer, tokens: int | None = None) -> dict:
     # The head sees one pooled token per image; every other linear sees all T tokens.
     layers = [(name, 1 if name == "head" or name.startswith("head.") else tokens, mpt, dense, structured)
               for name, mpt, dense, structured in _linears(model)]
-    paper_macs = None
+    paper_macs = official = None
     if _is_vit_b16_224(model, tokens):
         paper_layers = [(n, VIT_B16_PAPER_TOKENS if structured and t == tokens else t, mpt, dense, structured)
                         for n, t, mpt, dense, structured in layers]
-        paper_macs = sum(t * mpt for _, t, mpt, _, _ in paper_layers) + attention_macs + conv_macs
+        linear_macs = sum(t * mpt for _, t, mpt, _, _ in paper_layers)
+        paper_macs = linear_macs + attention_macs + conv_macs
+        norms = sum(LAYER_NORM_MACS_PER_ELEMENT * tokens * m.weight.numel()
+                    for m in model.modules() if isinstance(m, nn.LayerNorm))
+        official = (linear_macs + conv_macs + norms) / VIT_B16_PAPER_DENSE_MACS
     return _report(layers, conv_macs, attention_macs, tokens, paper_macs, VIT_B16_PAPER_DENSE_MACS,
                    "ViT-B/16: structured layers at 196 tokens, the rest dense at 197, over 1.72e10"
-                   if paper_macs is not None else None)
+                   if paper_macs is not None else None, official)
 
 
 def _is_gpt2_small(model: nn.Module) -> bool:
@@ -141,9 +152,10 @@ def gpt2_macs(model: nn.Module, seq_len: int | None = None) -> dict:
         blocks = [m for m in model.modules() if isinstance(m, GPT2Block)]
         block_mpt = sum(mpt for block in blocks for _, mpt, _, _ in _linears(block))
         paper_macs = block_mpt * GPT2_PAPER_TOKENS + len(blocks) * GPT2_PAPER_TOKENS**2 * 768
+    official = paper_macs / GPT2_OFFICIAL_DENSE_MACS if paper_macs is not None else None
     return _report(layers, 0, attention_macs, tokens, paper_macs, GPT2_PAPER_DENSE_MACS,
                    "GPT-2 small: block linears + 12 x 1024^2 x 768 at 1024 tokens, over 96,636,764,160"
-                   if paper_macs is not None else None)
+                   if paper_macs is not None else None, official)
 
 
 def count_macs(model: nn.Module, tokens: int | None = None) -> dict:
@@ -154,7 +166,9 @@ def count_macs(model: nn.Module, tokens: int | None = None) -> dict:
     dense, from the shapes); attention_macs (the attention matmuls, in both); replaced_macs and
     replaced_dense_macs (the structured layers only); relative_replaced (None without structured
     layers), relative_model, relative_paper (None where the paper has no convention), paper_macs,
-    paper_convention (a label saying which, or None).
+    paper_convention (a label saying which, or None), relative_paper_official (what the paper's
+    official code reports for the same model: for ViT-B/16 without the attention matmuls and with
+    LayerNorms; None elsewhere).
     """
     if isinstance(model, VisionTransformer):
         return vit_macs(model, tokens)
@@ -163,12 +177,18 @@ def count_macs(model: nn.Module, tokens: int | None = None) -> dict:
 
 def per_layer_report(model: nn.Module) -> list[dict]:
     """One row per structured layer: name, kind, shape (out, in), macs_per_token,
-    dense_macs_per_token, relative (their ratio) and projection_error (relative Frobenius, or None)."""
-    return [{"name": name, "kind": layer.kind, "shape": (layer.out_features, layer.in_features),
-             "macs_per_token": layer.macs_per_token(), "dense_macs_per_token": layer.dense_macs_per_token(),
-             "relative": layer.macs_per_token() / layer.dense_macs_per_token(),
-             "projection_error": layer.projection_error}
-            for name, layer in structured_layers(model)]
+    dense_macs_per_token, relative (their ratio), projection_error (relative Frobenius, or None)
+    and, for layers made of components (GBLR), their counts: active, placeholder, dead."""
+    rows = []
+    for name, layer in structured_layers(model):
+        row = {"name": name, "kind": layer.kind, "shape": (layer.out_features, layer.in_features),
+               "macs_per_token": layer.macs_per_token(), "dense_macs_per_token": layer.dense_macs_per_token(),
+               "relative": layer.macs_per_token() / layer.dense_macs_per_token(),
+               "projection_error": layer.projection_error}
+        if hasattr(layer, "component_states"):
+            row["components"] = layer.component_states()
+        rows.append(row)
+    return rows
 
 
 def flop_report(model: nn.Module, tokens: int | None = None) -> dict:
@@ -179,4 +199,4 @@ def flop_report(model: nn.Module, tokens: int | None = None) -> dict:
             "replaced_macs": macs["replaced_macs"], "replaced_dense_macs": macs["replaced_dense_macs"],
             "replaced": macs["relative_replaced"] if macs["relative_replaced"] is not None else 1.0,
             "model": macs["relative_model"], "paper": macs["relative_paper"],
-            "paper_convention": macs["paper_convention"]}
+            "paper_convention": macs["paper_convention"], "paper_official": macs["relative_paper_official"]}

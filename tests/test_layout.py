@@ -1,5 +1,6 @@
 """The layout's promises: layers are the ground floor, tasks come from config, not from strings."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,6 @@ def test_no_file_cites_documents_outside_the_project():
     root = PACKAGE.parent
     files = [p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".md", ".sh", ".toml", ".txt")
              and ".git" not in p.parts and "outputs" not in p.parts and "multirun" not in p.parts]
+    outside = re.compile("SP" "EC|" "iss" r"ue [0-9]")  # split, so that this file does not match itself
     for path in files:
-        text = path.read_text(errors="replace")
-        assert "SPEC" not in text, path
-        assert not __import__("re").search(r"issue [0-9]", text), path
+        assert not outside.search(path.read_text(errors="replace")), path

@@ -73,6 +73,15 @@ class GBLRLinear(StructuredLinear):
     def macs_per_token(self) -> int:
         return int(component_macs(*self.hard_structure(), self.rank).sum())
 
+    def component_states(self) -> dict[str, int]:
+        """How many components are active (both widths > 0: they cost MACs), placeholders (one
+        width > 0, the other 0: they cost nothing, but the closed form's gradient at width 0 lets
+        them regrow) and dead (both widths 0: no gradient reaches them again)."""
+        a, b = self.hard_structure()
+        active = int(((a > 0) & (b > 0)).sum())
+        dead = int(((a == 0) & (b == 0)).sum())
+        return {"active": active, "placeholder": self.num_components - active - dead, "dead": dead}
+
     @torch.no_grad()
     def clamp_(self) -> None:
         """Widths into [0, 1], locations wrapped into [0, 1)."""

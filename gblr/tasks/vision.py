@@ -54,7 +54,8 @@ class ImageClassification(Task):
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
-        """Top-1 and top-5 accuracy (%) on the validation split, summed across ranks."""
+        """Top-1 and top-5 accuracy (%) and the mean cross-entropy ``nll`` (nats per image) on the
+        validation split, summed across ranks."""
         was_training = model.training
         model.eval()
         shard = torch.utils.data.Subset(self.val_set, range(distributed.rank(), len(self.val_set),
@@ -62,12 +63,14 @@ class ImageClassification(Task):
         t = self.cfg.train
         loader = torch.utils.data.DataLoader(shard, batch_size=t.eval_batch_size, num_workers=t.num_workers)
         correct1 = correct5 = count = 0
+        nll = 0.0
         for x, y in loader:
             logits = model(x.to(self.device)).float()
+            nll += float(F.cross_entropy(logits, y.to(logits.device), reduction="sum"))
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
             correct1 += int((top[:, 0] == y).sum())
             correct5 += int((top == y[:, None]).any(-1).sum())
             count += len(y)
         model.train(was_training)
-        correct1, correct5, count = distributed.all_sum(correct1, correct5, count)  # sums, not means, across ranks
-        return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count}
+        correct1, correct5, nll, count = distributed.all_sum(correct1, correct5, nll, count)  # sums, not means
+        return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "nll": nll / count}
