@@ -4,7 +4,10 @@ The paper penalizes the sum of widths with a proximal soft-threshold. Here the b
 constraint in MACs: after each optimizer step every width is soft-thresholded by tau times its
 price (r * n_axis MACs per unit of normalized width) with the smallest tau, found by bisection,
 that brings the summed ``macs_per_token()`` of the layers within the budget. Because tau is shared,
-the layers compete for one total: the model decides where the MACs go.
+the layers compete for one total: the model decides where the MACs go. Widths of components that
+already cost 0 MACs (one axis at 0 whole elements, e.g. an inactive component's one-element
+placeholder) are left alone: shrinking them saves nothing and would only stop the component from
+ever regrowing (with both widths at 0 its widths get no gradient).
 """
 import torch
 
@@ -21,14 +24,25 @@ def _prices(layers: list[GBLRLinear]) -> tuple[torch.Tensor, torch.Tensor, torch
     return widths, (sizes * ranks).double(), sizes, ranks
 
 
+def free_components(widths: torch.Tensor, sizes, ranks) -> torch.Tensor:
+    """(..., K) bool: components that cost 0 MACs at ``widths`` (2, ..., K), whose widths the
+    threshold leaves alone. ``widths`` are counted as the parameters hold them (their dtype)."""
+    a, b = hard_widths(widths, sizes)
+    return component_macs(a, b, ranks) == 0
+
+
 def soft_threshold_widths(layers: list[GBLRLinear], tau: float) -> None:
-    """w <- clamp(w - tau * r * n_axis, 0, 1) for every width; locations wrapped into [0, 1)."""
+    """w <- clamp(w - tau * r * n_axis, 0, 1) for the widths of every component that costs MACs;
+    the widths of components that cost 0 only clamped to [0, 1]; locations wrapped into [0, 1)."""
     with torch.no_grad():
         for layer in layers:
-            price = layer.rank * torch.tensor([[layer.out_features], [layer.in_features]], dtype=torch.float64,
-                                              device=layer.widths.device)
+            size = torch.tensor([[layer.out_features], [layer.in_features]], dtype=torch.float64,
+                                device=layer.widths.device)
+            widths = layer.widths.double().clamp(0, 1)
+            price = layer.rank * size
+            free = free_components(widths.to(layer.widths.dtype), size, layer.rank)
             # In float64, then rounded once to the parameter's dtype: exactly what ``cost`` counted.
-            layer.widths.copy_((layer.widths.double() - tau * price).clamp(0, 1))
+            layer.widths.copy_(torch.where(free, widths, (widths - tau * price).clamp(0, 1)))
             layer.locations.remainder_(1)
 
 
@@ -36,7 +50,9 @@ def project_widths(layers: list[GBLRLinear], max_macs: float, iterations: int = 
     """Soft-threshold the widths of ``layers`` so that their summed MACs per token <= ``max_macs``.
 
     Widths are first clamped to [0, 1] (locations wrapped); if the layers are within budget nothing
-    else changes. Returns the threshold tau used (0 when already within budget). The cost is counted
+    else changes. Components that cost 0 keep their widths, so they stay at 0 MACs whatever tau: at
+    the largest tau every other width is 0 and the total 0, so the bisection always finds a
+    feasible tau. Returns the threshold tau used (0 when already within budget). The cost is counted
     exactly as ``macs_per_token`` counts it, on widths rounded to the parameters' dtype.
     """
     layers = list(layers)
@@ -45,9 +61,10 @@ def project_widths(layers: list[GBLRLinear], max_macs: float, iterations: int = 
     soft_threshold_widths(layers, 0.0)
     widths, prices, sizes, ranks = _prices(layers)
     dtype = layers[0].widths.dtype
+    free = free_components(widths.to(dtype), sizes, ranks)
 
     def cost(tau: float) -> int:
-        a, b = hard_widths((widths - tau * prices).clamp(0, 1).to(dtype), sizes)
+        a, b = hard_widths(torch.where(free, widths, (widths - tau * prices).clamp(0, 1)).to(dtype), sizes)
         return int(component_macs(a, b, ranks).sum())
 
     if cost(0.0) <= max_macs:

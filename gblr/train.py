@@ -20,6 +20,7 @@ from gblr import distributed
 from gblr.budget import project_widths, soft_threshold_widths, uniform_project_widths
 from gblr.layers import GBLRLinear
 from gblr.report import save_checkpoint
+from gblr.structure_optim import build_optimizer, structure_groups
 
 BUDGET_MODES = ("global", "uniform", "penalty")
 STRUCTURE = ("widths", "locations")
@@ -31,16 +32,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, structure_lr: float) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float, structure_lr: float,
+                 structure_optimizer: str = "adam") -> list[dict]:
     """AdamW groups: decayed weights; biases, norms and embeddings without decay; GBLR widths and
-    locations at their own lr, betas (0, 0.999), no decay (SPEC §5)."""
+    locations at their own lr, betas (0, 0.999), no decay (SPEC §5), stepped as
+    ``structure_optimizer`` says (gblr.structure_optim: adam | shared_adam)."""
     skip = set(getattr(model, "no_weight_decay", lambda: ())())
     decay, no_decay, structure = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.rsplit(".", 1)[-1] in STRUCTURE:
-            structure.append(p)
+            structure.append((name, p))
         elif p.ndim <= 1 or name in skip:
             no_decay.append(p)
         else:
@@ -48,7 +51,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, structure_lr:
     groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
               {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
     if structure:
-        groups.append({"params": structure, "lr": structure_lr, "weight_decay": 0.0, "betas": (0.0, 0.999)})
+        groups += structure_groups(structure, structure_lr, structure_optimizer)
     for group in groups:
         group["base_lr"] = group["lr"]
     return [g for g in groups if g["params"]]
@@ -166,8 +169,8 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
           log=print, report=None, desc: str = "train", collate_fn=None) -> dict:
     """Train ``model`` in place; return {"history": [per-epoch metrics], "completed": bool, "preempted": bool}.
 
-    settings: epochs, batch_size, grad_accum, lr, structure_lr, min_lr, warmup_epochs, schedule,
-    weight_decay, clip_grad, amp, num_workers, stop_after, max_bad_steps (configs/config.yaml: train).
+    settings: epochs, batch_size, grad_accum, lr, structure_lr, structure_optimizer, min_lr, warmup_epochs,
+    schedule, weight_decay, clip_grad, amp, num_workers, stop_after, max_bad_steps (configs/config.yaml: train).
     loss_fn(model, batch) -> scalar loss; evaluate(model) -> dict of metrics.
     checkpoint: written atomically after every epoch, and mid-epoch on SIGTERM / SIGUSR1 (then
     training returns with preempted=True); with ``resume`` an existing one is loaded and
@@ -185,8 +188,8 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, seed: int
     per_rank, micro_batch = batch_size // world, batch_size // (world * accum)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
     structure_lr = g("structure_lr") or g("lr")
-    optimizer = torch.optim.AdamW(param_groups(model, g("lr"), g("weight_decay", 0.0), structure_lr),
-                                  betas=(0.9, 0.999))
+    optimizer = build_optimizer(param_groups(model, g("lr"), g("weight_decay", 0.0), structure_lr,
+                                             g("structure_optimizer", "adam")), betas=(0.9, 0.999))
     amp_dtype = autocast_dtype(g("amp", "auto"), device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     steps_per_epoch = len(train_set) // batch_size
