@@ -8,7 +8,9 @@ proximal soft-threshold on the widths (arXiv 2310.18882, proximal gradient desce
 constraint in MACs: after every optimizer step each width is soft-thresholded by tau times its
 price (r * n_axis MACs per unit of normalized width), with the smallest tau, found by bisection,
 that brings the summed cost of the layers within the budget. Because tau is shared, the layers
-compete for one total: the model decides where the MACs go.
+compete for one total: the model decides where the MACs go. Widths of components that cost 0
+already (an inactive component's one-element placeholder) are never cut: shrinking them saves no
+MACs and would only kill the component (with both widths at 0 no gradient reaches it).
 """
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from torch import nn
 from gblr.layers import GBLRLinear
 from gblr.layers.gaudi import hard_widths
 from gblr.layers.gblr import component_macs
+from gblr.structure_optim import STRUCTURE_OPTIMIZERS, structure_groups
 
 BUDGET_MODES = ("global", "uniform", "penalty")
 
@@ -26,56 +29,96 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def check_structure_optimizer(name: str) -> str:
+    if name not in STRUCTURE_OPTIMIZERS:
+        raise ValueError(f"train.structure_optimizer must be one of {STRUCTURE_OPTIMIZERS}, got {name!r}")
+    return name
+
+
 def gblr_layers(model: nn.Module) -> list[GBLRLinear]:
     return [m for m in model.modules() if isinstance(m, GBLRLinear)]
 
 
-def _prices(layers: list[GBLRLinear]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flattened over all components: widths (2, C) float64, prices (2, C), sizes (2, C), ranks (C,)."""
-    widths = torch.cat([layer.widths.detach().double().cpu() for layer in layers], dim=1)
+def width_prices(widths: torch.Tensor, sizes: torch.Tensor, ranks) -> torch.Tensor:
+    """(2, C) float64 MACs per unit of normalized width: r * n_axis, and 0 for both widths of a
+    component that costs 0 already (an axis at 0 whole elements): shrinking those saves nothing and
+    would only stop the component from ever regrowing. ``widths`` (2, C) as the parameters hold them."""
+    a, b = hard_widths(widths, sizes)
+    free = component_macs(a, b, ranks) == 0
+    return torch.where(free, 0.0, (sizes * ranks).double())
+
+
+def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, rounds: int = 4,
+            grid: int = 64) -> tuple[torch.Tensor, float]:
+    """(new widths, tau): widths (2, C) soft-thresholded by tau * ``width_prices`` with the smallest
+    tau that brings their cost within ``max_macs`` MACs per token; float64, clamped to [0, 1].
+
+    The cost is counted as ``macs_per_token`` counts it, on the widths cast to ``widths.dtype``.
+    tau is found on a ``grid`` refined ``rounds`` times (a vectorized bisection). Components that
+    cost 0 stay at 0 whatever tau, so the largest tau (every priced width at 0) is always feasible.
+    A component that the cut leaves with both widths at 0 keeps one output element, at no cost:
+    with both at 0 no gradient reaches it again.
+    """
+    dtype, sizes = widths.dtype, sizes.to(widths.device)
+    w = widths.detach().double().clamp(0, 1)
+
+    def cost(candidates: torch.Tensor) -> torch.Tensor:  # (T, 2, C) widths -> (T,) MACs
+        a, b = hard_widths(candidates.to(dtype), sizes).unbind(-2)
+        return component_macs(a, b, ranks).sum(-1)
+
+    if int(cost(w[None])[0]) <= max_macs:
+        return w, 0.0
+    prices = width_prices(w.to(dtype), sizes, ranks)
+    priced = prices > 0
+    lo, hi = 0.0, float((w[priced] / prices[priced]).max()) * 1.001 + 1e-12  # at hi every priced width is 0
+    for _ in range(rounds):
+        taus = torch.linspace(lo, hi, grid + 1, dtype=torch.float64, device=w.device)[1:]
+        ok = cost((w - taus[:, None, None] * prices).clamp(0, 1)) <= max_macs
+        first = int(ok.long().argmax())  # the cost falls with tau, and hi is feasible
+        lo, hi = (float(taus[first - 1]) if first else lo), float(taus[first])
+    new = (w - hi * prices).clamp(0, 1)
+    a, b = hard_widths(new.to(dtype), sizes)
+    dead = (a == 0) & (b == 0) & (prices[0] > 0)
+    new[0] = torch.where(dead, 1.0 / sizes[0].double(), new[0])
+    return new, hi
+
+
+def _flat(layers: list[GBLRLinear]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Over all components of ``layers``: widths (2, C), sizes (2, C), ranks (C,)."""
+    widths = torch.cat([layer.widths.detach().cpu() for layer in layers], dim=1)
     sizes = torch.cat([torch.tensor([[layer.out_features], [layer.in_features]]).expand(2, layer.num_components)
                        for layer in layers], dim=1)
     ranks = torch.cat([torch.full((layer.num_components,), layer.rank) for layer in layers])
-    return widths, (sizes * ranks).double(), sizes, ranks
+    return widths, sizes, ranks
 
 
-def soft_threshold_widths(layers: list[GBLRLinear], tau: float) -> None:
-    """w <- clamp(w - tau * r * n_axis, 0, 1) for every width; locations wrapped into [0, 1)."""
+def _write_back(layers: list[GBLRLinear], widths: torch.Tensor) -> None:
     with torch.no_grad():
-        for layer in layers:
-            price = layer.rank * torch.tensor([[layer.out_features], [layer.in_features]], dtype=torch.float64,
-                                              device=layer.widths.device)
-            # In float64, then rounded once to the parameter's dtype: exactly what ``cost`` counted.
-            layer.widths.copy_((layer.widths.double() - tau * price).clamp(0, 1))
+        for layer, part in zip(layers, widths.split([layer.num_components for layer in layers], dim=1)):
+            layer.widths.copy_(part)  # rounded once to the parameter's dtype: exactly what was counted
             layer.locations.remainder_(1)
 
 
-def project_widths(layers: list[GBLRLinear], max_macs: float, iterations: int = 60) -> float:
-    """Soft-threshold the widths of ``layers`` so that their summed MACs per token <= ``max_macs``.
-
-    Widths are first clamped to [0, 1] (locations wrapped); if the layers are within budget nothing
-    else changes. Returns the threshold tau used (0 when already within budget). The cost is counted
-    exactly as ``macs_per_token`` counts it, on widths rounded to the parameters' dtype.
-    """
+def project_widths(layers: list[GBLRLinear], max_macs: float) -> float:
+    """Project the widths of ``layers`` onto {summed MACs per token <= ``max_macs``} (``project``):
+    one tau for all of them, so the layers compete for one total; returns tau (0 when nothing was
+    cut). Widths clamped to [0, 1] and locations wrapped into [0, 1) in any case."""
     layers = list(layers)
     if not layers:
         return 0.0
-    soft_threshold_widths(layers, 0.0)
-    widths, prices, sizes, ranks = _prices(layers)
-    dtype = layers[0].widths.dtype
+    widths, sizes, ranks = _flat(layers)
+    new, tau = project(widths, sizes, ranks, max_macs)
+    _write_back(layers, new)
+    return tau
 
-    def cost(tau: float) -> int:
-        a, b = hard_widths((widths - tau * prices).clamp(0, 1).to(dtype), sizes)
-        return int(component_macs(a, b, ranks).sum())
 
-    if cost(0.0) <= max_macs:
-        return 0.0
-    lo, hi = 0.0, float((widths / prices).max()) * 1.001 + 1e-12
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if cost(mid) <= max_macs else (mid, hi)
-    soft_threshold_widths(layers, hi)
-    return hi
+def soft_threshold_widths(layers: list[GBLRLinear], tau: float) -> None:
+    """w <- clamp(w - tau * price, 0, 1) for every width (``width_prices``: zero-cost ones stay)."""
+    layers = list(layers)
+    if layers:
+        widths, sizes, ranks = _flat(layers)
+        w = widths.double().clamp(0, 1)
+        _write_back(layers, (w - tau * width_prices(widths, sizes, ranks)).clamp(0, 1))
 
 
 def uniform_project_widths(layers: list[GBLRLinear], budget: float) -> None:
@@ -84,36 +127,55 @@ def uniform_project_widths(layers: list[GBLRLinear], budget: float) -> None:
         project_widths([layer], budget * layer.dense_macs_per_token())
 
 
+def shrink_widths(layers: list[GBLRLinear], amount: float) -> None:
+    """The paper's proximal step on the sum of normalized widths: w <- clamp(w - amount, 0, 1) for
+    every width that has a price (``width_prices``); the others, which save no MACs, stay."""
+    layers = list(layers)
+    if layers:
+        widths, sizes, ranks = _flat(layers)
+        priced = width_prices(widths, sizes, ranks) > 0
+        w = widths.double().clamp(0, 1)
+        _write_back(layers, torch.where(priced, (w - amount).clamp(0, 1), w))
+
+
 class Budget:
     """Holds a model's GBLR layers within ``budget`` of their dense MACs while it trains.
 
     The runner creates it after surgery; the training loop calls it as a hook (``start_epoch``,
-    ``after_step``, ``epoch_metrics``) and the optimizer gets its ``param_group``.
+    ``after_step``, ``epoch_metrics``) and the optimizer gets its ``param_groups``.
 
     mode "global": after every step, one FLOP-weighted projection over all layers (the model
     decides where the MACs go); "uniform": each layer projected onto its own budget (the ablation);
-    "penalty": the paper's proximal step on penalty * (sum of widths), tau = penalty * lr, with the
-    hard budget applied at the end. ``sigma_schedule`` {start, end, hold_epochs} anneals the masks'
+    "penalty": the paper's proximal step on penalty * (sum of normalized widths): every priced width
+    shrinks by penalty * lr after each step (the paper's units), with the hard budget applied at
+    the end. ``sigma_schedule`` {start, end, hold_epochs} anneals the masks'
     Gaussian per epoch after ``hold_epochs``; ``finish`` makes the masks hard (sigma None).
-    Widths and locations train with AdamW betas (0, 0.999), no weight decay, at ``structure_lr``.
+    Widths and locations train without weight decay at ``structure_lr``, stepped as
+    ``structure_optimizer`` says (``gblr.structure_optim``: the paper's per-coordinate Adam, or
+    ``shared_adam``, whose step keeps the gradients' relative sizes).
     The model is within budget from construction on: conversion options that fix the structure
     (``rank_ratio``) may start above a global budget.
     """
 
     def __init__(self, model: nn.Module, budget: float, mode: str = "global", penalty: float = 0.0,
-                 sigma: float | None = None, sigma_schedule: dict | None = None, structure_lr: float = 1e-3):
+                 sigma: float | None = None, sigma_schedule: dict | None = None, structure_lr: float = 1e-3,
+                 structure_optimizer: str = "shared_adam"):
         self.mode = check_mode(mode)
         self.layers = gblr_layers(model)
         self.budget, self.penalty = budget, penalty
         self.sigma, self.sigma_schedule, self.structure_lr = sigma, sigma_schedule, structure_lr
+        self.structure_optimizer = check_structure_optimizer(structure_optimizer)
         self.max_macs = budget * sum(layer.dense_macs_per_token() for layer in self.layers)
         self.enforce()
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in (layer.widths, layer.locations)]
 
-    def param_group(self) -> dict:
-        return {"params": self.parameters(), "lr": self.structure_lr, "weight_decay": 0.0, "betas": (0.0, 0.999)}
+    def param_groups(self) -> list[dict]:
+        """The optimizer groups of the widths and locations (empty without GBLR layers)."""
+        named = [(name, p) for layer in self.layers for name, p in (("widths", layer.widths),
+                                                                     ("locations", layer.locations))]
+        return structure_groups(named, self.structure_lr, self.structure_optimizer) if named else []
 
     def enforce(self) -> None:
         """Bring the layers within budget (global or per layer, by the mode)."""
@@ -134,7 +196,7 @@ class Budget:
 
     def after_step(self, lr_factor: float) -> None:
         if self.mode == "penalty":
-            soft_threshold_widths(self.layers, self.penalty * self.structure_lr * lr_factor)
+            shrink_widths(self.layers, self.penalty * self.structure_lr * lr_factor)
         else:
             self.enforce()
 

@@ -20,10 +20,9 @@ the budget but not low-rank):
 * Edge parametrization (``edges=True``): each interval is learned as a start and an end edge rather
   than (location, width). The budget's soft-threshold shrinks an interval around its centre, and
   each edge moves on its own gradient (d/d start = d/d location - d/d width, d/d end = d/d width).
-* Zero-cost widths are never shrunk (``zero_cost_free=True``): a width whose shrinking saves no MACs
-  (the component's other width is 0, so it costs 0 already) has price 0 in the soft-threshold; and a
-  component whose both widths reach 0 keeps one output element (``keep_alive``), since with both at
-  0 it has no gradient and can never regrow.
+* The budget's own projection (``gblr.budget.project``): zero-cost widths are never shrunk (a width
+  whose shrinking saves no MACs has price 0), and a component cut to both widths 0 keeps one output
+  element, since with both at 0 it has no gradient and can never regrow.
 * Structure step in elements: ``structure_lr`` elements of the smaller axis per step (0.5), not a
   fraction of the axis.
 * Gaussian annealing (``anneal_sigma=(sigma0, fraction)``): smooth masks (sigma0 DFT bins) widening
@@ -40,60 +39,17 @@ import math
 import torch
 
 from gblr import layers
+from gblr.budget import project
 from gblr.layers.base import relative_error
 from gblr.layers.gaudi import gaudi_mask, hard_widths
 from gblr.layers.gblr import GBLRLinear, component_macs
 
-__all__ = ["fit_gblr", "from_dense", "project_widths_free", "gblr_macs"]
+__all__ = ["fit_gblr", "from_dense"]
 
 
-def gblr_macs(widths: torch.Tensor, sizes: torch.Tensor, rank: int) -> torch.Tensor:
-    """MACs per token of (..., 2, K) normalized widths (row 0 output axis), summed over K -> (...)."""
-    a, b = hard_widths(widths, sizes).unbind(-2)
-    return component_macs(a, b, rank).sum(-1)
-
-
-def _prices(widths: torch.Tensor, sizes: torch.Tensor, rank: int, zero_cost_free: bool) -> torch.Tensor:
-    """(2, K) MACs per unit of normalized width: r n_axis, or 0 where shrinking saves nothing because the
-    component's other width is already 0 (it costs 0 whatever this width is)."""
-    prices = (rank * sizes).double().expand_as(widths).clone()
-    if zero_cost_free:
-        hard = hard_widths(widths, sizes)
-        prices[0][hard[1] == 0] = 0.0
-        prices[1][hard[0] == 0] = 0.0
-    return prices
-
-
-@torch.no_grad()
-def project_widths_free(widths: torch.Tensor, sizes: torch.Tensor, rank: int, max_macs: float,
-                        zero_cost_free: bool = True, grid: int = 64, rounds: int = 4) -> torch.Tensor:
-    """Soft-threshold (2, K) normalized widths by tau times their price so that their MACs <= max_macs.
-
-    The smallest such tau on a ``grid`` refined ``rounds`` times (vectorized bisection); widths of
-    zero price (see ``_prices``) are left alone. Returns the new widths (float64, clamped to [0, 1]);
-    the caller casts them to its dtype, and the cost is counted on that dtype, as ``macs_per_token``
-    counts it.
-    """
-    dtype = widths.dtype
-    w = widths.detach().double().clamp(0, 1)
-    sizes = sizes.to(w.device)
-    if gblr_macs(w.to(dtype), sizes, rank) <= max_macs:
-        return w
-    prices = _prices(w, sizes, rank, zero_cost_free)
-    positive = prices > 0
-    lo, hi = 0.0, float((w[positive] / prices[positive]).max()) * 1.001 + 1e-12
-
-    def cost(taus: torch.Tensor) -> torch.Tensor:
-        shrunk = (w - taus[:, None, None] * prices).clamp(0, 1).to(dtype)
-        return gblr_macs(shrunk, sizes, rank)
-
-    for _ in range(rounds):
-        taus = torch.linspace(lo, hi, grid + 1, dtype=torch.float64, device=w.device)[1:]
-        ok = cost(taus) <= max_macs
-        first = int(ok.float().argmax())  # cost is non-increasing in tau; hi itself is feasible
-        hi = float(taus[first])
-        lo = float(taus[first - 1]) if first > 0 else lo
-    return (w - hi * prices).clamp(0, 1)
+def _macs(widths: torch.Tensor, sizes: torch.Tensor, rank: int) -> int:
+    a, b = hard_widths(widths, sizes)
+    return int(component_macs(a, b, rank).sum())
 
 
 def _svd_factors(weight: torch.Tensor, K: int, rank: int):
@@ -134,14 +90,12 @@ def _support_interval(energy: torch.Tensor, keep: float) -> tuple[torch.Tensor, 
 class _Fit:
     """One run of the fit on a normalized target; parameters are plain tensors."""
 
-    def __init__(self, target, K, rank, max_macs, *, init, seed, edges, zero_cost_free, support_keep,
-                 keep_alive):
+    def __init__(self, target, K, rank, max_macs, *, init, seed, edges, support_keep):
         self.target = target
-        self.keep_alive = keep_alive
         self.out_features, self.in_features = target.shape
         self.K, self.rank, self.max_macs = K, rank, max_macs
         self.sizes = torch.tensor([[self.out_features], [self.in_features]], device=target.device)
-        self.edges, self.zero_cost_free = edges, zero_cost_free
+        self.edges = edges
         generator = torch.Generator().manual_seed(seed)
         U, V = _svd_factors(target, K, rank)
         self.U, self.V = U.to(target.device), V.to(target.device)
@@ -198,12 +152,7 @@ class _Fit:
     def project(self, max_macs):
         loc, wid = self.structure()
         wid = wid.detach().clamp(0, 1)
-        new = project_widths_free(wid, self.sizes, self.rank, max_macs, self.zero_cost_free).float()
-        if self.keep_alive:
-            # A component with both widths 0 has no gradient at all: keep one output element (cost 0).
-            hard = hard_widths(new, self.sizes)
-            dead = (hard[0] == 0) & (hard[1] == 0)
-            new[0, dead] = 1.0 / self.out_features
+        new = project(wid, self.sizes.expand(2, self.K), self.rank, max_macs)[0].float()
         if self.edges:
             # Shrink around the centre: both edges move in by half the cut.
             start = torch.remainder(self.p0 + 0.5 * (wid - new), 1.0)
@@ -224,10 +173,9 @@ class _Fit:
                 torch.remainder(loc.detach(), 1.0).clone())
 
 
-def _run(target, K, rank, max_macs, *, steps, lr, structure_lr, init, seed, edges, zero_cost_free,
-         warmup, sigma, support_keep, betas, final_lr, keep_alive, keep_best):
-    fit = _Fit(target, K, rank, max_macs, init=init, seed=seed, edges=edges, zero_cost_free=zero_cost_free,
-               support_keep=support_keep, keep_alive=keep_alive)
+def _run(target, K, rank, max_macs, *, steps, lr, structure_lr, init, seed, edges, warmup, sigma,
+         support_keep, betas, final_lr, keep_best):
+    fit = _Fit(target, K, rank, max_macs, init=init, seed=seed, edges=edges, support_keep=support_keep)
     factors, structure = fit.params()
     n_min = min(fit.out_features, fit.in_features)
     factor_scale = float(torch.cat([fit.U.detach().flatten(), fit.V.detach().flatten()]).square().mean().sqrt())
@@ -235,7 +183,7 @@ def _run(target, K, rank, max_macs, *, steps, lr, structure_lr, init, seed, edge
                                   {"params": structure, "lr": structure_lr / n_min}], betas=betas)
     decay = lambda step: 1.0 - (1.0 - final_lr) * step / max(steps, 1)  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
-    start_macs = max(float(gblr_macs(fit.structure()[1].detach().clamp(0, 1), fit.sizes, rank)), max_macs)
+    start_macs = max(float(_macs(fit.structure()[1].detach().clamp(0, 1), fit.sizes, rank)), max_macs)
     warm_steps = int(warmup * steps)
 
     def budget_at(step):
@@ -279,9 +227,9 @@ def _run(target, K, rank, max_macs, *, steps, lr, structure_lr, init, seed, edge
 
 def fit_gblr(weight: torch.Tensor, bias: torch.Tensor | None, budget: float, *, K: int | None = None,
              rank: int = 1, sigma: float | None = None, steps: int = 1000, lr: float = 0.02,
-             structure_lr: float = 0.5, init: str = "greedy", edges: bool = True, zero_cost_free: bool = True,
+             structure_lr: float = 0.5, init: str = "greedy", edges: bool = True,
              warmup: float = 0.0, anneal_sigma: tuple[float, float] | None = (2.0, 0.3), restarts: int = 1,
-             support_keep: float = 0.95, keep_alive: bool = True, keep_best: bool = True, betas=(0.0, 0.999),
+             support_keep: float = 0.95, keep_best: bool = True, betas=(0.0, 0.999),
              final_lr: float = 0.01, seed: int = 0, return_losses: bool = False) -> GBLRLinear:
     """A GBLRLinear of ``K`` rank-``rank`` components fitted to ``weight`` within ``budget`` of its MACs.
 
@@ -294,7 +242,7 @@ def fit_gblr(weight: torch.Tensor, bias: torch.Tensor | None, budget: float, *, 
         init: "greedy" (see the module doc), "support" (every SVD component on its support, then
             the projection; use with ``warmup``) or "full" (every component at full width, random
             locations; the paper's ViT recipe).
-        edges, zero_cost_free, keep_alive, keep_best: see the module doc.
+        edges, keep_best: see the module doc.
         warmup: fraction of the steps over which the budget decays geometrically from dense to target.
         anneal_sigma: (sigma0, fraction): Gaussian-smoothed masks from sigma0 DFT bins, growing
             geometrically to n/2 over ``fraction`` of the steps, then hard masks.
@@ -310,9 +258,9 @@ def fit_gblr(weight: torch.Tensor, bias: torch.Tensor | None, budget: float, *, 
     best = None
     for r in range(max(restarts, 1)):
         result = _run(target, K, rank, max_macs, steps=steps, lr=lr, structure_lr=structure_lr, init=init,
-                      seed=seed + r, edges=edges, zero_cost_free=zero_cost_free, warmup=warmup,
+                      seed=seed + r, edges=edges, warmup=warmup,
                       sigma=anneal_sigma, support_keep=support_keep, betas=betas, final_lr=final_lr,
-                      keep_alive=keep_alive, keep_best=keep_best)
+                      keep_best=keep_best)
         if best is None or result[0] < best[0]:
             best = result
     _, (U, V, widths, locations), losses = best

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from gblr import distributed
-from gblr.budget import Budget, check_mode
+from gblr.budget import Budget, check_mode, check_structure_optimizer
 from gblr.flops import flop_report, per_layer_report
 from gblr.layers import check_budget, layer_class
 from gblr.analysis import summary_table
@@ -63,7 +63,8 @@ def run(cfg, skip_existing: bool = False) -> dict:
     keeper = Budget(model, budget, mode=cfg.weight.get("budget_mode", "global"),
                     penalty=cfg.weight.get("penalty", 0.0), sigma=cfg.weight.get("sigma"),
                     sigma_schedule=plain(cfg.weight.get("sigma_schedule")) or None,
-                    structure_lr=cfg.train.structure_lr or cfg.train.lr)
+                    structure_lr=cfg.train.structure_lr or cfg.train.lr,
+                    structure_optimizer=cfg.train.structure_optimizer)
     if not cfg.dry_run:
         outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics)
         history = outcome["history"]
@@ -90,6 +91,7 @@ def weight_and_budget(cfg) -> tuple[str, float]:
     budget, kind = check_budget(cfg.budget), cfg.weight.kind
     layer_class(kind)
     check_mode(cfg.weight.get("budget_mode", "global"))
+    check_structure_optimizer(cfg.train.structure_optimizer)
     if kind == "dense" and budget < 1:
         log.info(f"weight=dense ignores budget={budget}: dense layers cost in * out MACs (budget recorded as 1)")
         budget = 1.0
@@ -167,9 +169,7 @@ def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: 
     logger = Logger(cfg, run_dir, enabled=distributed.is_main())
     try:
         t = cfg.train
-        groups = param_groups(model, t.lr, t.weight_decay, apart=keeper.parameters())
-        if keeper.layers:
-            groups.append(keeper.param_group())
+        groups = param_groups(model, t.lr, t.weight_decay, apart=keeper.parameters()) + keeper.param_groups()
         outcome = train(model, task.train_set, task.loss, task.evaluate, plain(t), groups=groups, seed=cfg.seed,
                         device=device, checkpoint=run_dir / "checkpoint.pt", resume=cfg.resume, hooks=[keeper],
                         log=log.info, report=logger.log, desc="fine-tune")

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from gblr import distributed
 from gblr.files import save_checkpoint
+from gblr.structure_optim import build_optimizer
 
 
 def seed_everything(seed: int) -> None:
@@ -116,7 +117,8 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
 
     settings: epochs, batch_size, grad_accum, lr, min_lr, warmup_epochs, schedule, clip_grad, amp,
     num_workers, stop_after, max_bad_steps (configs/config.yaml: train).
-    groups: AdamW parameter groups (``param_groups`` plus any owner's own); each group's lr follows
+    groups: AdamW parameter groups (``param_groups`` plus any owner's own; a group with
+    ``shared_norm`` is stepped by ``gblr.structure_optim.SharedNormAdamW``); each group's lr follows
     the schedule as a factor of the lr it starts with.
     loss_fn(model, batch) -> scalar loss; evaluate(model) -> dict of metrics.
     hooks: objects with any of ``start_epoch(epoch, epochs)``, ``after_step(lr_factor)`` (after
@@ -139,7 +141,7 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
     for group in groups:
         group["base_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    optimizer = build_optimizer(groups, betas=(0.9, 0.999))
     amp_dtype = autocast_dtype(g("amp", "auto"), device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     steps_per_epoch = len(train_set) // batch_size

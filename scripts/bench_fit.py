@@ -27,14 +27,12 @@ Columns: relative Frobenius error ||W_hat - W||_F / ||W||_F and MACs used. Write
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gblr.fit import fit_gblr  # noqa: E402
-from gblr.layers import from_dense, relative_error  # noqa: E402
+from gblr.fit import fit_gblr
+from gblr.layers import from_dense, relative_error
 
 N = 64
 

@@ -12,7 +12,7 @@ that surgery take about a minute per weight type on 2 CPU cores; they are not ti
 
 One step is what ``gblr.train.train`` does per batch: forward, next-token cross-entropy, backward,
 clip at 1.0, AdamW over ``param_groups``, and for GBLR the width projection onto the budget
-(``WidthBudget.after_step``). Reported: median seconds of --repeats steps after one warm-up step,
+(``Budget.after_step``). Reported: median seconds of --repeats steps after one warm-up step,
 tokens/s, its ratio to dense, the analytic relative MACs (replaced layers; whole forward pass with
 the LM head, which stays dense and is a quarter of GPT-2 small's MACs; paper convention), and on
 CUDA the peak memory. bf16 autocast on CUDA, fp32 on CPU. GBLR training materializes each masked
@@ -38,7 +38,9 @@ from gblr.flops import count_macs
 from gblr.models import build_gpt2
 from gblr.files import versions, write_json
 from gblr.surgery import replace_layers
-from gblr.train import WidthBudget, param_groups
+from gblr.budget import Budget
+from gblr.structure_optim import build_optimizer
+from gblr.train import param_groups
 
 KINDS = ("dense", "lowrank", "monarch", "gblr")
 PRESET = "gpt2_wikitext103_ft"
@@ -49,7 +51,7 @@ def paper_point(kind: str):
     cfg = compose(f"experiment={PRESET}", f"weight={kind}")
     weight = OmegaConf.to_container(cfg.weight, resolve=True)
     options = {k: v for k, v in weight.get("options", {}).items() if v is not None}
-    return weight["targets"], float(cfg.budget), options, cfg.train
+    return list(cfg.model.targets), float(cfg.budget), options, cfg.train
 
 
 def bench_kind(kind: str, args, device: torch.device) -> dict:
@@ -63,8 +65,8 @@ def bench_kind(kind: str, args, device: torch.device) -> dict:
     surgery_s = time.perf_counter() - start
     macs = count_macs(model, args.seq)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.weight_decay, t.structure_lr or t.lr), betas=(0.9, 0.999))
-    keeper = WidthBudget(model, budget, "global") if kind == "gblr" else None
+    keeper = Budget(model, budget, structure_lr=t.structure_lr or t.lr, structure_optimizer=t.structure_optimizer)
+    optimizer = build_optimizer(param_groups(model, t.lr, t.weight_decay, apart=keeper.parameters()) + keeper.param_groups())
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     cuda = device.type == "cuda"
 
@@ -76,8 +78,7 @@ def bench_kind(kind: str, args, device: torch.device) -> dict:
         nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if keeper is not None:
-            keeper.after_step(t.lr)
+        keeper.after_step(1.0)
         if cuda:
             torch.cuda.synchronize()
 

@@ -9,7 +9,7 @@ type the paper's targets (q, k, v, fc1, fc2 of 12 blocks: 60 layers) become rand
 ``gblr.layers.build(kind, in, out, budget)`` layers ("dense" is timm's model as is): replace_layers'
 60 SVDs took 6 min for low-rank alone on 2 CPU cores, and a step costs the same whatever the weights
 hold. One step is what ``gblr.train.train`` does per batch: forward, cross-entropy, backward, clip
-at 1.0, AdamW over ``param_groups``, for GBLR ``WidthBudget(model, budget).after_step``. Reported:
+at 1.0, AdamW over ``param_groups``, for GBLR ``Budget(model, budget).after_step``. Reported:
 median seconds of --repeats steps after one warm-up, ratio to dense, images/s, peak memory. Each
 kind runs in its own process (``--one KIND``) so its peak is its own: on CPU peak RSS (ru_maxrss)
 and the part reached during the steps (activations, gradients, AdamW state); on CUDA
@@ -42,7 +42,9 @@ from gblr.layers import StructuredLinear, build
 from gblr.models import build_vit
 from gblr.files import versions, write_json
 from gblr.surgery import VIT_TARGETS, split_qkv
-from gblr.train import WidthBudget, param_groups
+from gblr.budget import Budget
+from gblr.structure_optim import build_optimizer
+from gblr.train import param_groups
 
 MIB = 1024  # ru_maxrss is in KiB on Linux
 
@@ -77,8 +79,8 @@ def one_kind(args) -> dict:
     layers = [m for m in model.modules() if isinstance(m, StructuredLinear)]
     macs = [(m.macs_per_token(), m.dense_macs_per_token()) for m in layers] or [(1, 1)]  # dense: none replaced
     mac_ratio = sum(m for m, _ in macs) / sum(d for _, d in macs)
-    optimizer = torch.optim.AdamW(param_groups(model, 1e-4, 0.05, 1e-4), betas=(0.9, 0.999))
-    budget = WidthBudget(model, args.budget) if args.one == "gblr" else None
+    budget = Budget(model, args.budget, structure_lr=1e-4)  # a no-op without GBLR layers
+    optimizer = build_optimizer(param_groups(model, 1e-4, 0.05, apart=budget.parameters()) + budget.param_groups())
     images = torch.randn(args.batch, 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
 
@@ -89,8 +91,7 @@ def one_kind(args) -> dict:
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if budget is not None:
-            budget.after_step(1e-4)
+        budget.after_step(1.0)
         if cuda:
             torch.cuda.synchronize()
 

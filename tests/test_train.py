@@ -12,8 +12,8 @@ from gblr.train import lr_factor, param_groups
 def test_three_parameter_groups_with_the_structure_apart():
     model, _ = build_vit("vit_tiny", depth=1)
     replace_layers(model, None, "gblr", 0.3)
-    budget = Budget(model, 0.3, structure_lr=0.02)
-    groups = param_groups(model, lr=1e-3, weight_decay=0.05, apart=budget.parameters()) + [budget.param_group()]
+    budget = Budget(model, 0.3, structure_lr=0.02, structure_optimizer="adam")
+    groups = param_groups(model, lr=1e-3, weight_decay=0.05, apart=budget.parameters()) + budget.param_groups()
     decayed, plain, structure = groups
     assert structure["lr"] == 0.02 and structure["betas"] == (0.0, 0.999) and structure["weight_decay"] == 0
     assert len(structure["params"]) == 2 * 5  # widths and locations of q, k, v, fc1, fc2

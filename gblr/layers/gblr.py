@@ -9,7 +9,6 @@ A component of hard widths a (out) and b (in) costs min(r (a + b), a b) MACs per
 is 0. Training applies the masked factors (``apply_weight``); ``to_inference`` turns a trained layer
 into one that touches only the active intervals.
 """
-import math
 
 import torch
 from torch import nn
@@ -103,8 +102,9 @@ class GBLRLinear(StructuredLinear):
                    init: str = "lowrank", rank_ratio: float | None = None, seed: int = 0):
         """Components from the SVD of ``weight``: component k holds singular triplets k r .. k r + r - 1.
 
-        init="lowrank": the top components at full width, the others at one output element and no
-            input element (cost 0, but their width gradient is non-zero, so they can regrow).
+        init="lowrank": the top components at full width, the others at one element of one axis
+            and none of the other (cost 0, but their width gradient is non-zero, so they can
+            regrow), the output axis for even k and the input axis for odd k, as in the paper's code.
             Their number is the budget's low-rank rank / r, or ``rank_ratio * K`` when given
             (the paper's GPT-2 setting is rank_ratio=0.25).
         init="full": every component at full width on both axes, at random locations: the start of
@@ -131,7 +131,8 @@ class GBLRLinear(StructuredLinear):
                 raise ValueError(f"rank_ratio must be in [0, 1] (fraction of the K={K} components at full width), "
                                  f"got {rank_ratio!r}")
             widths = torch.zeros(2, K)
-            widths[0] = 1.0 / out_features
+            widths[0, 0::2] = 1.0 / out_features  # inactive placeholders alternate axes: one output
+            widths[1, 1::2] = 1.0 / in_features   # element for even k, one input element for odd k
             widths[:, :full] = 1.0
             locations[:, :full] = 0.0
             layer = cls(U, V, widths, locations, bias, sigma)
