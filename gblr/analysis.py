@@ -154,10 +154,10 @@ def aggregate(results: list[dict], reference: list[dict]) -> tuple[list[dict], d
                              MODES.index(r["budget_mode"]) if r["budget_mode"] in MODES else 9, r["budget"]))
     starts = {}
     for model, data in groups_of(rows):
-        by_seed = {}  # every run of a seed starts from the same dense model
+        by_seed = {}  # every run of a start seed starts from the same dense model
         for r in results:
             if (r["model"], r["data"]) == (model, data) and f"start_{metric_of(r)}" in r["metrics"]:
-                by_seed.setdefault(r["seed"], r["metrics"][f"start_{metric_of(r)}"])
+                by_seed.setdefault(start_seed(r), r["metrics"][f"start_{metric_of(r)}"])
         if by_seed:
             dense = [r["flops_paper"] for r in rows if (r["model"], r["data"], r["weight"]) == (model, data, "dense")]
             mean, std = mean_std(list(by_seed.values()))
@@ -171,6 +171,57 @@ def aggregate(results: list[dict], reference: list[dict]) -> tuple[list[dict], d
         row["paper_value"] = e and (e["value"] if e["value"] is not None else e["claim"])
         row["paper_setting"] = e and e["setting"]
     return rows, starts
+
+
+def start_seed(result: dict) -> int:
+    """The seed of the dense start a run fine-tuned from (its own seed in results that predate it)."""
+    return result.get("start_seed", result["seed"])
+
+
+LOWER_IS_BETTER = {"ppl", "nll"}
+
+
+def ci95(differences: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t confidence interval (n >= 2)."""
+    from scipy.stats import t
+
+    n = len(differences)
+    return statistics.fmean(differences), float(t.ppf(0.975, n - 1)) * statistics.stdev(differences) / n ** 0.5
+
+
+def paired_differences(results: list[dict], reference: str = "lowrank") -> list[dict]:
+    """Each weight type (and GBLR budget mode) against ``reference`` at the same model, data and
+    budget, paired by (start seed, fine-tune seed): the same dense start and the same data order.
+
+    One row per comparison and metric (the run's metric, and the validation NLL where runs hold
+    one): the mean difference (arm - reference), its 95% t-interval, the number of pairs and a
+    verdict, "better" / "worse" where the interval excludes 0, else "no difference shown". GBLR's
+    global budget is also compared with its uniform ablation. Comparisons with fewer than 2 pairs
+    are left out.
+    """
+    arms = defaultdict(lambda: defaultdict(dict))  # (model, data, budget) -> (weight, mode) -> pair -> metrics
+    for r in results:
+        arms[r["model"], r["data"], float(r["budget"])][r["weight"], budget_mode(r)][start_seed(r), r["seed"]] = r["metrics"]
+    rows = []
+    for (model, data, budget), by_arm in arms.items():
+        comparisons = [(arm, ref) for ref in by_arm if ref[0] == reference for arm in by_arm if arm[0] != reference]
+        if ("gblr", "global") in by_arm and ("gblr", "uniform") in by_arm:
+            comparisons.append((("gblr", "global"), ("gblr", "uniform")))
+        for arm, ref in comparisons:
+            pairs = sorted(set(by_arm[arm]) & set(by_arm[ref]))
+            metrics = [m for m in (*METRICS, "nll") if pairs and all(m in by_arm[x][p] for x in (arm, ref) for p in pairs)]
+            for metric in metrics if len(pairs) >= 2 else []:
+                d = [by_arm[arm][p][metric] - by_arm[ref][p][metric] for p in pairs]
+                mean, half = ci95(d)
+                good = -mean if metric in LOWER_IS_BETTER else mean
+                verdict = "no difference shown" if abs(mean) <= half else "better" if good > 0 else "worse"
+                rows.append({"model": model, "data": data, "budget": budget, "weight": arm[0], "budget_mode": arm[1],
+                             "reference": ref[0], "reference_mode": ref[1], "metric": metric, "n_pairs": len(pairs),
+                             "mean_difference": mean, "ci95_low": mean - half, "ci95_high": mean + half,
+                             "verdict": verdict})
+    rows.sort(key=lambda r: (r["model"], r["data"], r["budget"], WEIGHTS.index(r["weight"]) if r["weight"] in WEIGHTS else 9,
+                             r["reference"], r["metric"]))
+    return rows
 
 
 def paper_entry(row: dict, reference: list[dict], is_start: bool = False) -> dict | None:
@@ -227,7 +278,18 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer.writerows({k: "" if row.get(k) is None else row[k] for k in columns} for row in rows)
 
 
-def markdown(rows, starts, results, skipped, settings, figures) -> str:
+def paired_table(paired: list[dict]) -> list[str]:
+    """Markdown lines of ``paired_differences`` rows (one model/data)."""
+    lines = ["| budget | weight | against | metric | pairs | difference, mean [95% CI] | verdict |", "|---|---|---|---|---|---|---|"]
+    for p in paired:
+        arm = p["weight"] + ("" if p["budget_mode"] == "-" else f" ({p['budget_mode']})")
+        ref = p["reference"] + ("" if p["reference_mode"] == "-" else f" ({p['reference_mode']})")
+        lines.append(f"| {p['budget']:g} | {arm} | {ref} | {p['metric']} | {p['n_pairs']} | {p['mean_difference']:+.2f} "
+                     f"[{p['ci95_low']:+.2f}, {p['ci95_high']:+.2f}] | {p['verdict']} |")
+    return lines
+
+
+def markdown(rows, starts, results, skipped, settings, figures, paired=()) -> str:
     """results.md: a table per model/data with the dense start and the paper's numbers, warnings
     about mixed settings, the learned GBLR allocation, the figures and the skipped runs."""
     lines = ["# Results", "", "Relative MACs (1 MAC = 2 FLOPs) in three conventions: **replaced** = MACs of the replaced layers / "
@@ -253,6 +315,11 @@ def markdown(rows, starts, results, skipped, settings, figures) -> str:
             lines += ["", "**Warning: these runs differ in settings other than weight, budget and seed:** " + "; ".join(mixed)]
         lines += [""] + [f"- paper, {s}: {settings[s]} (gblr/reference.json)"
                          for s in dict.fromkeys(r["paper_setting"] for r in table if r["paper"])]
+        mine = [p for p in paired if (p["model"], p["data"]) == (model, data)]
+        if mine:
+            lines += ["", "Paired differences (the same dense start and data order; arm minus reference; for ppl "
+                      "and nll lower is better; \"better\" or \"worse\" only where the 95% interval excludes 0):", ""]
+            lines += paired_table(mine)
         alloc, dense = allocation(runs)
         if alloc:
             budget = list(alloc)[len(alloc) // 2]
@@ -391,9 +458,10 @@ def plot_layout(results, path: Path) -> bool:
 # --- the whole report ----------------------------------------------------------------------------
 
 def write_report(results: list[dict], skipped: list[tuple[str, str]], out: Path, flops: str = "model",
-                 reference: dict | None = None) -> dict:
-    """Write results.csv, runs.csv, results.md and the figures for ``results`` (from ``collect``)
-    into ``out``; ``flops`` is the convention on the metric figures' x axis. Returns rows, starts
+                 reference: dict | None = None, reference_weight: str = "lowrank") -> dict:
+    """Write results.csv, runs.csv, paired.csv (``paired_differences`` against ``reference_weight``),
+    results.md and the figures for ``results`` (from ``collect``) into ``out``; ``flops`` is the
+    convention on the metric figures' x axis. Returns rows, starts
     (see ``aggregate``), skipped, figures (paths written), notes (what was left out, and why) and
     markdown (results.md's text)."""
     reference = load_reference() if reference is None else reference
@@ -421,9 +489,13 @@ def write_report(results: list[dict], skipped: list[tuple[str, str]], out: Path,
             notes.append(f"note: no GBLR run with the global budget{' and a checkpoint.pt' * (plot is plot_layout)}: no {name}")
     for stale in {out / n for n in (*FIGURES.values(), "allocation.png", "layout.png")} - set(figures):
         stale.unlink(missing_ok=True)  # from an earlier report of other runs
-    text = markdown(rows, starts, results, skipped, reference["settings"], figures)
+    paired = paired_differences(results, reference_weight)
+    write_csv(out / "paired.csv", paired, ["model", "data", "budget", "weight", "budget_mode", "reference", "reference_mode",
+                                          "metric", "n_pairs", "mean_difference", "ci95_low", "ci95_high", "verdict"])
+    text = markdown(rows, starts, results, skipped, reference["settings"], figures, paired)
     (out / "results.md").write_text(text)
-    return {"rows": rows, "starts": starts, "skipped": skipped, "figures": figures, "notes": notes, "markdown": text}
+    return {"rows": rows, "starts": starts, "skipped": skipped, "figures": figures, "notes": notes, "markdown": text,
+            "paired": paired}
 
 
 def summary_table(result: dict) -> str:

@@ -25,6 +25,7 @@ def main(argv=None) -> dict:
     parser.add_argument("dirs", nargs="+", help="sweep or run folders to search for results.json")
     parser.add_argument("--out", help="output folder (default: the first DIR)")
     parser.add_argument("--flops", choices=list(CONVENTIONS), default="model", help="x axis of the metric figures")
+    parser.add_argument("--reference", default="lowrank", help="weight type the paired differences are taken against")
     args = parser.parse_args(argv)
     out = Path(args.out or args.dirs[0])
 
@@ -34,12 +35,12 @@ def main(argv=None) -> dict:
     if not results:
         print(f"error: no completed results.json under {', '.join(args.dirs)}", file=sys.stderr)
         sys.exit(2)
-    report = write_report(results, skipped, out, flops=args.flops)
+    report = write_report(results, skipped, out, flops=args.flops, reference_weight=args.reference)
     for note in report["notes"]:
         print(note)
     print(report["markdown"])
     print(f"{len(results)} runs in {len(report['rows'])} rows, {len(skipped)} skipped; wrote to {out}: results.csv, "
-          f"runs.csv, results.md, {', '.join(f.name for f in report['figures'])}")
+          f"runs.csv, paired.csv, results.md, {', '.join(f.name for f in report['figures'])}")
     return report
 
 

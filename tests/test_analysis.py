@@ -140,3 +140,32 @@ def test_write_report_writes_only_the_figures_it_has_data_for(tmp_path):
     assert report["notes"] == ["note: no GBLR run with the global budget: no allocation.png",
                                "note: no GBLR run with the global budget and a checkpoint.pt: no layout.png"]
     assert "| gblr | global | 0.3 | 0.300 | 0.400 | 0.4400 | 20.50 ± 0.71 | 2 |" in report["markdown"]
+
+
+def test_paired_differences_pair_by_start_and_seed_and_give_a_t_interval():
+    from gblr.analysis import paired_differences
+
+    # Three pairs; GBLR's perplexity is 1, 2 and 3 below low-rank's: mean -2, sd 1, t(0.975, 2) = 4.303.
+    runs = [result("lowrank", seed=s, value=20.0 + s, start_seed=7) for s in range(3)]
+    runs += [result("gblr", seed=s, value=20.0 + s - (s + 1), start_seed=7) for s in range(3)]
+    runs.append(result("gblr", seed=9, value=0.0, start_seed=7))  # no low-rank partner: not paired
+    [row] = paired_differences(runs, "lowrank")
+    assert (row["weight"], row["reference"], row["metric"], row["n_pairs"]) == ("gblr", "lowrank", "ppl", 3)
+    assert row["mean_difference"] == pytest.approx(-2.0)
+    assert row["ci95_high"] - row["mean_difference"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)
+    assert row["verdict"] == "no difference shown"  # -2 +- 2.48 includes 0
+    tight = [result("lowrank", seed=s, value=20.0, start_seed=7) for s in range(3)]
+    tight += [result("gblr", seed=s, value=18.0 + 0.1 * s, start_seed=7) for s in range(3)]
+    assert paired_differences(tight)[0]["verdict"] == "better"  # lower perplexity, interval below 0
+    accuracy = [result("lowrank", seed=s, value=90.0, metric="top1") for s in range(3)]
+    accuracy += [result("monarch", seed=s, value=80.0 + s, metric="top1") for s in range(3)]
+    assert paired_differences(accuracy)[0]["verdict"] == "worse"  # lower accuracy, interval below 0
+
+
+def test_paired_differences_compare_the_global_budget_with_its_uniform_ablation():
+    from gblr.analysis import paired_differences
+
+    runs = [result("gblr", seed=s, value=10.0 + s, mode=mode) for s in range(4) for mode in ("global", "uniform")]
+    [row] = paired_differences(runs, "lowrank")
+    assert (row["budget_mode"], row["reference"], row["reference_mode"]) == ("global", "gblr", "uniform")
+    assert row["mean_difference"] == 0.0 and row["verdict"] == "no difference shown"

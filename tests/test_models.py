@@ -49,7 +49,7 @@ def test_gpt2_configs_and_eager_attention():
 
     tiny, weights = tiny_gpt2()
     assert weights == "random init"
-    assert (tiny.config.n_embd, tiny.config.n_layer, tiny.config.n_head, tiny.config.n_positions) == (64, 2, 2, 256)
+    assert (tiny.config.n_embd, tiny.config.n_layer, tiny.config.n_head, tiny.config.n_positions) == (64, 2, 2, 128)
     assert tiny.config._attn_implementation == "eager"
     assert tiny(torch.randint(0, 128, (2, 9))).logits.shape == (2, 9, 128)
 
