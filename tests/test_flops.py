@@ -131,3 +131,19 @@ def test_per_layer_report():
 def test_unsupported_model_is_rejected():
     with pytest.raises(ValueError, match="GPT-2"):
         count_macs(nn.Linear(4, 4))
+
+
+def test_the_paper_low_rank_point_in_both_conventions():
+    # The paper's ViT-B low-rank run at rank 96 (rho = 0.125): 16/11 x 96/768 = 0.1818 of the replaced
+    # layers' MACs; the official code's counter (leaf modules, no attention matmuls, over 1.72e10)
+    # reads 25.0%, our paper convention (attention matmuls counted) 29.1%.
+    model, _ = build_vit("vit_base", num_classes=1000)
+    split_qkv(model)
+    for name, old in list(model.named_modules()):
+        if name.endswith(("attn.q", "attn.k", "attn.v", "mlp.fc1", "mlp.fc2")):  # random factors: no SVD needed
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, build("lowrank", old.in_features, old.out_features, rank=96))
+    macs = count_macs(model)
+    assert macs["relative_replaced"] == pytest.approx(16 / 11 * 96 / 768)
+    assert macs["relative_paper_official"] == pytest.approx(0.2502, abs=1e-4)
+    assert macs["relative_paper"] == pytest.approx(0.2907, abs=1e-4)

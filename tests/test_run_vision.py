@@ -130,3 +130,14 @@ def test_default_run_dense_start_above_90_and_gblr_within_5_points(tmp_path, cac
     assert result["metrics"]["start_top1"] >= 90
     assert result["metrics"]["top1"] >= result["metrics"]["start_top1"] - 5
     assert result["flops"]["replaced"] <= 0.3
+
+
+def test_no_component_dies_at_budget_0_1_and_the_counts_are_reported(tmp_path, cache_dir):
+    # Before zero-cost widths were left alone, 3 epochs at budget 0.1 left 59% of the components dead.
+    result = quick_run(tmp_path, cache_dir, "weight=gblr", "budget=0.1")
+    counts = [layer["components"] for layer in result["layers"]]
+    total = sum(sum(c.values()) for c in counts)
+    assert total == sum(min(layer["shape"]) for layer in result["layers"])
+    dead = sum(c["dead"] for c in counts) / total
+    assert dead < 0.59 and sum(c["active"] for c in counts) > 0
+    assert result["flops"]["replaced"] <= 0.1
