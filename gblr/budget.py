@@ -48,16 +48,19 @@ def width_prices(widths: torch.Tensor, sizes: torch.Tensor, ranks) -> torch.Tens
     return torch.where(free, 0.0, (sizes * ranks).double())
 
 
-def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, rounds: int = 4,
-            grid: int = 64) -> tuple[torch.Tensor, float]:
+def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, fill: bool = False,
+            rounds: int = 4, grid: int = 64) -> tuple[torch.Tensor, float]:
     """(new widths, tau): widths (2, C) soft-thresholded by tau * ``width_prices`` with the smallest
     tau that brings their cost within ``max_macs`` MACs per token; float64, clamped to [0, 1].
 
-    The cost is counted as ``macs_per_token`` counts it, on the widths cast to ``widths.dtype``.
-    tau is found on a ``grid`` refined ``rounds`` times (a vectorized bisection). Components that
-    cost 0 stay at 0 whatever tau, so the largest tau (every priced width at 0) is always feasible.
-    A component that the cut leaves with both widths at 0 keeps one output element, at no cost:
-    with both at 0 no gradient reaches it again.
+    Over budget, tau > 0 cuts. Within budget, tau = 0 leaves the widths alone, unless ``fill``:
+    then tau < 0 grows the costing widths by the same rule until the budget is used (as far as
+    whole elements allow), so that noise in the widths' steps, clamped at full width, cannot drift
+    the model below its budget. The cost is counted as ``macs_per_token`` counts it, on the widths
+    cast to ``widths.dtype``. tau is found on a ``grid`` refined ``rounds`` times (a vectorized
+    bisection). Components that cost 0 stay as they are whatever tau, so a cut to every priced
+    width at 0 is always feasible; a component that the cut leaves with both widths at 0 keeps one
+    output element, at no cost: with both at 0 no gradient reaches it again.
     """
     dtype, sizes = widths.dtype, sizes.to(widths.device)
     w = widths.detach().double().clamp(0, 1)
@@ -66,11 +69,17 @@ def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, r
         a, b = hard_widths(candidates.to(dtype), sizes).unbind(-2)
         return component_macs(a, b, ranks).sum(-1)
 
-    if int(cost(w[None])[0]) <= max_macs:
-        return w, 0.0
     prices = width_prices(w.to(dtype), sizes, ranks)
     priced = prices > 0
-    lo, hi = 0.0, float((w[priced] / prices[priced]).max()) * 1.001 + 1e-12  # at hi every priced width is 0
+    within = int(cost(w[None])[0]) <= max_macs
+    if not priced.any() or (within and not fill):
+        return w, 0.0
+    if within:  # lo: every priced width at 1 (feasible or not), hi = 0: feasible
+        lo, hi = -float(((1 - w[priced]) / prices[priced]).max()) * 1.001 - 1e-12, 0.0
+        if int(cost((w - lo * prices).clamp(0, 1)[None])[0]) <= max_macs:
+            return (w - lo * prices).clamp(0, 1), lo
+    else:  # lo = 0: infeasible, hi: every priced width at 0, feasible
+        lo, hi = 0.0, float((w[priced] / prices[priced]).max()) * 1.001 + 1e-12
     for _ in range(rounds):
         taus = torch.linspace(lo, hi, grid + 1, dtype=torch.float64, device=w.device)[1:]
         ok = cost((w - taus[:, None, None] * prices).clamp(0, 1)) <= max_macs
@@ -99,15 +108,16 @@ def _write_back(layers: list[GBLRLinear], widths: torch.Tensor) -> None:
             layer.locations.remainder_(1)
 
 
-def project_widths(layers: list[GBLRLinear], max_macs: float) -> float:
-    """Project the widths of ``layers`` onto {summed MACs per token <= ``max_macs``} (``project``):
-    one tau for all of them, so the layers compete for one total; returns tau (0 when nothing was
-    cut). Widths clamped to [0, 1] and locations wrapped into [0, 1) in any case."""
+def project_widths(layers: list[GBLRLinear], max_macs: float, fill: bool = False) -> float:
+    """Project the widths of ``layers`` onto {summed MACs per token <= ``max_macs``} (``project``;
+    with ``fill``, onto the budget itself): one tau for all of them, so the layers compete for one
+    total; returns tau (0 when nothing changed). Widths clamped to [0, 1] and locations wrapped into
+    [0, 1) in any case."""
     layers = list(layers)
     if not layers:
         return 0.0
     widths, sizes, ranks = _flat(layers)
-    new, tau = project(widths, sizes, ranks, max_macs)
+    new, tau = project(widths, sizes, ranks, max_macs, fill)
     _write_back(layers, new)
     return tau
 
@@ -121,10 +131,10 @@ def soft_threshold_widths(layers: list[GBLRLinear], tau: float) -> None:
         _write_back(layers, (w - tau * width_prices(widths, sizes, ranks)).clamp(0, 1))
 
 
-def uniform_project_widths(layers: list[GBLRLinear], budget: float) -> None:
+def uniform_project_widths(layers: list[GBLRLinear], budget: float, fill: bool = False) -> None:
     """The ablation without reallocation: each layer projected onto ``budget`` of its own dense MACs."""
     for layer in layers:
-        project_widths([layer], budget * layer.dense_macs_per_token())
+        project_widths([layer], budget * layer.dense_macs_per_token(), fill)
 
 
 def shrink_widths(layers: list[GBLRLinear], amount: float) -> None:
@@ -153,8 +163,9 @@ class Budget:
     Widths and locations train without weight decay at ``structure_lr``, stepped as
     ``structure_optimizer`` says (``gblr.structure_optim``: the paper's per-coordinate Adam, or
     ``shared_adam``, whose step keeps the gradients' relative sizes).
-    The model is within budget from construction on: conversion options that fix the structure
-    (``rank_ratio``) may start above a global budget.
+    The model is within budget from construction on (conversion options that fix the structure,
+    ``rank_ratio``, may start above a global budget), and on it after every step: a model below
+    its budget grows back to it (``project``'s ``fill``), except in penalty mode.
     """
 
     def __init__(self, model: nn.Module, budget: float, mode: str = "global", penalty: float = 0.0,
@@ -166,7 +177,7 @@ class Budget:
         self.sigma, self.sigma_schedule, self.structure_lr = sigma, sigma_schedule, structure_lr
         self.structure_optimizer = check_structure_optimizer(structure_optimizer)
         self.max_macs = budget * sum(layer.dense_macs_per_token() for layer in self.layers)
-        self.enforce()
+        self.enforce(fill=False)  # the conversion's structure is the start, once within budget
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in (layer.widths, layer.locations)]
@@ -177,12 +188,14 @@ class Budget:
                                                                      ("locations", layer.locations))]
         return structure_groups(named, self.structure_lr, self.structure_optimizer) if named else []
 
-    def enforce(self) -> None:
-        """Bring the layers within budget (global or per layer, by the mode)."""
+    def enforce(self, fill: bool = True) -> None:
+        """Bring the layers onto the budget (global or per layer, by the mode); with ``fill`` a
+        model below it grows back to it (not in penalty mode, where the penalty decides)."""
+        fill = fill and self.mode != "penalty"
         if self.mode == "uniform":
-            uniform_project_widths(self.layers, self.budget)
+            uniform_project_widths(self.layers, self.budget, fill)
         else:
-            project_widths(self.layers, self.max_macs)
+            project_widths(self.layers, self.max_macs, fill)
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         sigma = self.sigma

@@ -60,3 +60,14 @@ def test_projection_is_exact_with_bf16_widths():
     dense = sum(layer.dense_macs_per_token() for layer in layers)
     project_widths(layers, 0.3 * dense)
     assert sum(layer.macs_per_token() for layer in layers) <= 0.3 * dense
+
+
+def test_a_model_below_its_budget_grows_back_to_it():
+    layers = scattered_layers()
+    dense = sum(layer.dense_macs_per_token() for layer in layers)
+    project_widths(layers, 0.1 * dense)
+    assert sum(layer.macs_per_token() for layer in layers) <= 0.1 * dense
+    tau = project_widths(layers, 0.3 * dense, fill=True)
+    after = sum(layer.macs_per_token() for layer in layers)
+    assert tau < 0 and 0.98 * 0.3 * dense <= after <= 0.3 * dense
+    assert project_widths(layers, 0.5 * dense) == 0.0  # without fill, a model within budget stays as it is
