@@ -35,7 +35,8 @@ class CausalLM(Task):
         d = self.data
         train_tokens, self.val_tokens, self.info = build_text_data(
             d["name"], root=d.get("root"), cache_dir=self.cache_dir, tokenizer=d.get("tokenizer"),
-            block_size=d["block_size"], vocab_size=d["vocab_size"], max_positions=self.context)
+            block_size=d["block_size"], vocab_size=d["vocab_size"], max_positions=self.context,
+            eval_split=d.get("eval_split", "validation"))
         if self.info["vocab_size"] > d["vocab_size"]:  # an id beyond the embedding would fail deep inside the model
             raise ValueError(f"the tokenizer ({self.info['tokenizer']}) has {self.info['vocab_size']} tokens but "
                              f"data.vocab_size={d['vocab_size']} embedding rows; set data.vocab_size="

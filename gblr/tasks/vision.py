@@ -27,7 +27,7 @@ class ImageClassification(Task):
         from gblr.models import vit_input_size
 
         d = self.data
-        extra = {k: d[k] for k in ("auto_augment", "re_prob", "crop_pct", "interpolation") if k in d}
+        extra = {k: d[k] for k in ("auto_augment", "re_prob", "crop_pct", "interpolation", "augment") if k in d}
         mean_std = {k: tuple(d[k]) for k in ("mean", "std") if d.get(k)}
         self.train_set, self.val_set, self.info = build_vision_data(
             d["name"], root=d.get("root"), cache_dir=self.cache_dir,
