@@ -91,8 +91,13 @@ def metric_of(result: dict) -> str | None:
 
 
 def budget_mode(result: dict) -> str:
-    """How a GBLR run spread its budget over layers (default "global"); "-" for the other weights."""
-    return result.get("config", {}).get("weight", {}).get("budget_mode", "global") if result["weight"] == "gblr" else "-"
+    """How a GBLR run spread its budget over layers (default "global"), with ", fit init" when it
+    started from the budgeted fit; "-" for the other weights."""
+    if result["weight"] != "gblr":
+        return "-"
+    weight = result.get("config", {}).get("weight", {})
+    fit = (weight.get("options") or {}).get("init") == "fit"
+    return weight.get("budget_mode", "global") + (", fit init" if fit else "")
 
 
 def row_key(result: dict) -> tuple:
@@ -205,8 +210,9 @@ def paired_differences(results: list[dict], reference: str = "lowrank") -> list[
     rows = []
     for (model, data, budget), by_arm in arms.items():
         comparisons = [(arm, ref) for ref in by_arm if ref[0] == reference for arm in by_arm if arm[0] != reference]
-        if ("gblr", "global") in by_arm and ("gblr", "uniform") in by_arm:
-            comparisons.append((("gblr", "global"), ("gblr", "uniform")))
+        for arm, ref in ((("gblr", "global"), ("gblr", "uniform")), (("gblr", "global, fit init"), ("gblr", "global"))):
+            if arm in by_arm and ref in by_arm:
+                comparisons.append((arm, ref))
         for arm, ref in comparisons:
             pairs = sorted(set(by_arm[arm]) & set(by_arm[ref]))
             metrics = [m for m in (*METRICS, "nll") if pairs and all(m in by_arm[x][p] for x in (arm, ref) for p in pairs)]
