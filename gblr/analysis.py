@@ -178,6 +178,14 @@ def aggregate(results: list[dict], reference: list[dict]) -> tuple[list[dict], d
     return rows, starts
 
 
+def arm_label(weight: str, mode: str) -> str:
+    """A figure legend's name of a weight type and budget mode, e.g. "gblr (global budget, fit init)"."""
+    if weight == "gblr":
+        spread, _, init = mode.partition(", ")
+        return f"gblr ({spread} budget{', ' + init if init else ''})"
+    return "dense (fine-tuned)" if weight == "dense" else weight
+
+
 def start_seed(result: dict) -> int:
     """The seed of the dense start a run fine-tuned from (its own seed in results that predate it)."""
     return result.get("start_seed", result["seed"])
@@ -360,7 +368,7 @@ def plot_metric(rows, starts, metric: str, conv: str, path: Path) -> bool:
             marker, size = MARKERS[i % len(MARKERS)]
             ax.errorbar([100 * r[f"flops_{conv}"] for r in line], [r["mean"] for r in line], yerr=[r["std"] or 0 for r in line],
                         marker=marker, markersize=size, capsize=3, linestyle="--" if mode == "uniform" else "-",
-                        label={"dense": "dense (fine-tuned)", "gblr": f"gblr ({mode} budget)"}.get(weight, weight))
+                        label=arm_label(weight, mode))
         if start := starts.get((model, data)):
             ax.axhline(start["mean"], color="gray", linestyle=":", label=f"dense start ({show(start['mean'], start['std'])})")
             if start["std"]:
