@@ -17,8 +17,8 @@ from torch import nn
 
 from gblr.layers import GBLRLinear
 from gblr.layers.gaudi import hard_widths
-from gblr.layers.gblr import component_macs
-from gblr.structure_optim import STRUCTURE_OPTIMIZERS, structure_groups
+from gblr.layers.gblr import component_macs, structure_macs
+from gblr.structure_optim import check_structure_optimizer, structure_groups
 
 BUDGET_MODES = ("global", "uniform", "penalty")
 
@@ -27,12 +27,6 @@ def check_mode(mode: str) -> str:
     if mode not in BUDGET_MODES:
         raise ValueError(f"weight.budget_mode must be one of {BUDGET_MODES}, got {mode!r}")
     return mode
-
-
-def check_structure_optimizer(name: str) -> str:
-    if name not in STRUCTURE_OPTIMIZERS:
-        raise ValueError(f"train.structure_optimizer must be one of {STRUCTURE_OPTIMIZERS}, got {name!r}")
-    return name
 
 
 def gblr_layers(model: nn.Module) -> list[GBLRLinear]:
@@ -66,8 +60,7 @@ def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, f
     w = widths.detach().double().clamp(0, 1)
 
     def cost(candidates: torch.Tensor) -> torch.Tensor:  # (T, 2, C) widths -> (T,) MACs
-        a, b = hard_widths(candidates.to(dtype), sizes).unbind(-2)
-        return component_macs(a, b, ranks).sum(-1)
+        return structure_macs(candidates.to(dtype), sizes, ranks)
 
     prices = width_prices(w.to(dtype), sizes, ranks)
     priced = prices > 0

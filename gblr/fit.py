@@ -42,23 +42,9 @@ from gblr import layers
 from gblr.budget import project
 from gblr.layers.base import relative_error
 from gblr.layers.gaudi import gaudi_mask, hard_widths
-from gblr.layers.gblr import GBLRLinear, component_macs
+from gblr.layers.gblr import GBLRLinear, component_macs, structure_macs, svd_components
 
 __all__ = ["fit_gblr", "from_dense"]
-
-
-def _macs(widths: torch.Tensor, sizes: torch.Tensor, rank: int) -> int:
-    a, b = hard_widths(widths, sizes)
-    return int(component_macs(a, b, rank).sum())
-
-
-def _svd_factors(weight: torch.Tensor, K: int, rank: int):
-    out_features, in_features = weight.shape
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    root = s[: K * rank].sqrt()
-    U = (u[:, : K * rank] * root).T.reshape(K, rank, out_features).transpose(1, 2)
-    V = (root[:, None] * vh[: K * rank]).reshape(K, rank, in_features)
-    return U.float(), V.float()
 
 
 def _support_interval(energy: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +83,7 @@ class _Fit:
         self.sizes = torch.tensor([[self.out_features], [self.in_features]], device=target.device)
         self.edges = edges
         generator = torch.Generator().manual_seed(seed)
-        U, V = _svd_factors(target, K, rank)
+        U, V = svd_components(target, K, rank)
         self.U, self.V = U.to(target.device), V.to(target.device)
         locations = torch.rand(2, K, generator=generator).to(target.device)
         widths = torch.ones(2, K, device=target.device)
@@ -183,7 +169,7 @@ def _run(target, K, rank, max_macs, *, steps, lr, structure_lr, init, seed, edge
                                   {"params": structure, "lr": structure_lr / n_min}], betas=betas)
     decay = lambda step: 1.0 - (1.0 - final_lr) * step / max(steps, 1)  # noqa: E731
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
-    start_macs = max(float(_macs(fit.structure()[1].detach().clamp(0, 1), fit.sizes, rank)), max_macs)
+    start_macs = max(float(structure_macs(fit.structure()[1].detach().clamp(0, 1), fit.sizes, rank)), max_macs)
     warm_steps = int(warmup * steps)
 
     def budget_at(step):
@@ -230,7 +216,8 @@ def fit_gblr(weight: torch.Tensor, bias: torch.Tensor | None, budget: float, *, 
              structure_lr: float = 0.5, init: str = "greedy", edges: bool = True,
              warmup: float = 0.0, anneal_sigma: tuple[float, float] | None = (2.0, 0.3), restarts: int = 1,
              support_keep: float = 0.95, keep_best: bool = True, betas=(0.0, 0.999),
-             final_lr: float = 0.01, seed: int = 0, return_losses: bool = False) -> GBLRLinear:
+             final_lr: float = 0.01, seed: int = 0, svd_fallback: bool = True,
+             return_losses: bool = False) -> GBLRLinear:
     """A GBLRLinear of ``K`` rank-``rank`` components fitted to ``weight`` within ``budget`` of its MACs.
 
     Args:
@@ -247,6 +234,7 @@ def fit_gblr(weight: torch.Tensor, bias: torch.Tensor | None, budget: float, *, 
         anneal_sigma: (sigma0, fraction): Gaussian-smoothed masks from sigma0 DFT bins, growing
             geometrically to n/2 over ``fraction`` of the steps, then hard masks.
         restarts: seeds seed .. seed + restarts - 1; the lowest final error is kept.
+        svd_fallback: return the truncated SVD (GBLR's init="lowrank") instead when it is better.
     Returns:
         the fitted layer (``projection_error`` set; ``fit_losses`` per step of the kept run if asked).
     """
@@ -272,9 +260,10 @@ def fit_gblr(weight: torch.Tensor, bias: torch.Tensor | None, budget: float, *, 
     layer.projection_error = relative_error(layer.to_dense(), weight)
     # The truncated SVD is a GBLR point too (init="lowrank": the top components at full width): on a
     # weight without block structure it can beat the fit, so the fit never returns anything worse.
-    svd = layers.from_dense("gblr", weight, bias, budget, K=K, rank=rank, sigma=sigma, init="lowrank")
-    if svd.projection_error < layer.projection_error:
-        layer = svd
+    if svd_fallback:
+        svd = layers.from_dense("gblr", weight, bias, budget, K=K, rank=rank, sigma=sigma, init="lowrank")
+        if svd.projection_error < layer.projection_error:
+            layer = svd
     if return_losses:
         layer.fit_losses = losses
     return layer

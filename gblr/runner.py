@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from gblr import distributed
-from gblr.budget import Budget, check_mode, check_structure_optimizer
+from gblr.budget import Budget, check_mode
+from gblr.structure_optim import check_structure_optimizer
 from gblr.flops import flop_report, per_layer_report
 from gblr.layers import check_budget, layer_class
-from gblr.analysis import summary_table
 from gblr.files import save_checkpoint, versions, write_json
 from gblr.surgery import replace_layers
 from gblr.tasks import build_task, plain
@@ -179,3 +179,30 @@ def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: 
     finally:
         logger.close(metrics)
     return outcome
+
+
+def summary_table(result: dict) -> str:
+    """A small plain-text table: dense start vs result, metric and relative FLOPs (MACs)."""
+    metrics, flops = result["metrics"], result["flops"]
+    if result.get("metric", "ppl" if "ppl" in metrics else "top1") == "ppl":
+        name, start, end, fmt = "val perplexity", metrics.get("start_ppl"), metrics.get("ppl"), "{:.2f}"
+    else:
+        name, start, end, fmt = "val top-1 (%)", metrics.get("start_top1"), metrics.get("top1"), "{:.2f}"
+
+    def show(value, f=fmt):
+        return "-" if value is None else f.format(value)
+
+    paper = flops.get("paper")
+    rows = [("", "dense start", f"{result['weight']} @ budget {result['budget']:g}"),
+            (name, show(start), show(end)),
+            ("relative MACs, replaced layers", "1.000", show(flops["replaced"], "{:.4f}")),
+            ("relative MACs, whole model", "1.000", show(flops["model"], "{:.4f}")),
+            ("relative MACs, paper convention", "-" if paper is None else "1.000", show(paper, "{:.4f}")),
+            ("MACs per example", f"{flops['dense_macs']:,}", f"{flops['macs']:,}")]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{result['model']} on {result['data']} (seed {result['seed']})"]
+    for k, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("-" * (sum(widths) + 4))
+    return "\n".join(lines)

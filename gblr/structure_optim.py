@@ -30,6 +30,12 @@ import torch
 STRUCTURE_OPTIMIZERS = ("adam", "shared_adam")
 
 
+def check_structure_optimizer(name: str) -> str:
+    if name not in STRUCTURE_OPTIMIZERS:
+        raise ValueError(f"train.structure_optimizer must be one of {STRUCTURE_OPTIMIZERS}, got {name!r}")
+    return name
+
+
 def structure_groups(named: list[tuple[str, torch.Tensor]], lr: float, optimizer: str = "adam",
                      betas: tuple[float, float] = (0.0, 0.999),
                      width_betas: tuple[float, float] = (0.9, 0.999)) -> list[dict]:
@@ -40,8 +46,7 @@ def structure_groups(named: list[tuple[str, torch.Tensor]], lr: float, optimizer
     "shared_adam": the widths in one group with a shared normalizer (``shared_norm``) and
     ``width_betas``, the locations in another, per-coordinate with ``betas`` as with "adam".
     """
-    if optimizer not in STRUCTURE_OPTIMIZERS:
-        raise ValueError(f"train.structure_optimizer must be one of {STRUCTURE_OPTIMIZERS}, got {optimizer!r}")
+    check_structure_optimizer(optimizer)
     common = {"lr": lr, "weight_decay": 0.0, "betas": betas}
     if optimizer == "adam":
         return [{"params": [p for _, p in named], **common}]

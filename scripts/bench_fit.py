@@ -20,7 +20,9 @@ Methods, each at <= budget * 64 * 64 MACs:
     svd          truncated SVD at the budget's rank (Eckart-Young optimal low-rank)
     monarch      closed-form Monarch projection at the budget's block count
     gblr_lowrank from_dense("gblr", init="lowrank"): the top SVD components at full width
-    gblr_fit0    from_dense("gblr", init="fit"): full widths, random locations, AdamW + projection
+    paper_fit    the paper's recipe through fit_gblr: full widths at random locations, no edges, no
+                 sigma annealing, structure steps of 20 elements (20 / min(in, out) normalized),
+                 no best-iterate or SVD fallback
     fit          gblr.fit.fit_gblr with its defaults (and each --variant: fit_gblr with those options)
 Columns: relative Frobenius error ||W_hat - W||_F / ||W||_F and MACs used. Writes JSON (--out).
 """
@@ -94,8 +96,9 @@ def run_method(method: str, W: torch.Tensor, budget: float, options: dict):
         layer = from_dense("monarch", W, budget=budget)
     elif method == "gblr_lowrank":
         layer = from_dense("gblr", W, budget=budget, init="lowrank")
-    elif method == "gblr_fit0":
-        layer = from_dense("gblr", W, budget=budget, init="fit")
+    elif method == "paper_fit":
+        layer = fit_gblr(W, None, budget, init="full", edges=False, anneal_sigma=None, structure_lr=20.0,
+                         keep_best=False, svd_fallback=False)
     else:
         layer = fit_gblr(W, None, budget, **options)
     seconds = time.perf_counter() - t0
@@ -109,7 +112,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--budgets", default=None, help="comma-separated (default 0.25,0.5; --quick 0.25)")
     parser.add_argument("--teachers", default=None, help=f"comma-separated subset of {','.join(TEACHERS)}")
-    parser.add_argument("--methods", default="svd,monarch,gblr_lowrank,gblr_fit0,fit")
+    parser.add_argument("--methods", default="svd,monarch,gblr_lowrank,paper_fit,fit")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=JSON options for fit_gblr; adds a method NAME (repeatable)")
     parser.add_argument("--threads", type=int, default=1)

@@ -19,6 +19,24 @@ from .gaudi import gaudi_mask, hard_widths
 from .lowrank import lowrank_rank
 
 
+def svd_components(weight: torch.Tensor, K: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U (K, out, r), V (K, r, in)) in ``weight``'s dtype: component k holds the singular triplets
+    k r .. k r + r - 1 of the (out, in) ``weight``, split evenly as U sqrt(S), sqrt(S) V^T."""
+    out_features, in_features = weight.shape
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = s[: K * rank].sqrt()
+    U = (u[:, : K * rank] * root).T.reshape(K, rank, out_features).transpose(1, 2)
+    V = (root[:, None] * vh[: K * rank]).reshape(K, rank, in_features)
+    return U.to(weight.dtype), V.to(weight.dtype)
+
+
+def structure_macs(widths: torch.Tensor, sizes, ranks) -> torch.Tensor:
+    """MACs per token of (..., 2, C) normalized widths (row 0 output axis) on axes of ``sizes``
+    (2, C), summed over the C components -> (...); counted as ``macs_per_token`` counts them."""
+    a, b = hard_widths(widths, sizes).unbind(-2)
+    return component_macs(a, b, ranks).sum(-1)
+
+
 def component_macs(a: torch.Tensor, b: torch.Tensor, rank) -> torch.Tensor:
     """MACs per token of components of hard widths a (output) and b (input): min(r (a + b), a b),
     which is 0 when either width is 0 (docs/method.md, "The cost")."""
@@ -107,37 +125,29 @@ class GBLRLinear(StructuredLinear):
             regrow), the output axis for even k and the input axis for odd k, as in the paper's code.
             Their number is the budget's low-rank rank / r, or ``rank_ratio * K`` when given
             (the paper's GPT-2 setting is rank_ratio=0.25).
-        init="full": every component at full width on both axes, at random locations: the start of
-            the paper's budgeted fit (ViT recipe), which ``gblr.fit`` runs from here. It costs more
-            than any budget below 1 until the fit projects it.
+        init="fit" (the paper's budgeted fit) needs the budget projection: ``gblr.fit.from_dense``.
         """
         out_features, in_features = weight.shape
         K = cls._check(in_features, out_features, K, rank)
-        if init not in ("lowrank", "full"):
+        if init != "lowrank":
             raise ValueError(f"GBLR init must be 'lowrank' or 'fit', got {init!r} ('fit' runs through "
-                             f"gblr.fit.from_dense, which starts from init='full')")
+                             f"gblr.fit.from_dense)")
         generator = torch.Generator().manual_seed(seed)
-        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-        root = s[: K * rank].sqrt()
-        U = (u[:, : K * rank] * root).T.reshape(K, rank, out_features).transpose(1, 2).to(weight.dtype)
-        V = (root[:, None] * vh[: K * rank]).reshape(K, rank, in_features).to(weight.dtype)
+        U, V = svd_components(weight, K, rank)
         locations = torch.rand(2, K, generator=generator)
-        if init == "lowrank":
-            if rank_ratio is None:
-                full = min(K, lowrank_rank(in_features, out_features, budget) // rank)
-            elif 0 <= rank_ratio <= 1:
-                full = round(rank_ratio * K)
-            else:
-                raise ValueError(f"rank_ratio must be in [0, 1] (fraction of the K={K} components at full width), "
-                                 f"got {rank_ratio!r}")
-            widths = torch.zeros(2, K)
-            widths[0, 0::2] = 1.0 / out_features  # inactive placeholders alternate axes: one output
-            widths[1, 1::2] = 1.0 / in_features   # element for even k, one input element for odd k
-            widths[:, :full] = 1.0
-            locations[:, :full] = 0.0
-            layer = cls(U, V, widths, locations, bias, sigma)
+        if rank_ratio is None:
+            full = min(K, lowrank_rank(in_features, out_features, budget) // rank)
+        elif 0 <= rank_ratio <= 1:
+            full = round(rank_ratio * K)
         else:
-            layer = cls(U, V, torch.ones(2, K), locations, bias, sigma)
+            raise ValueError(f"rank_ratio must be in [0, 1] (fraction of the K={K} components at full width), "
+                             f"got {rank_ratio!r}")
+        widths = torch.zeros(2, K)
+        widths[0, 0::2] = 1.0 / out_features  # inactive placeholders alternate axes: one output
+        widths[1, 1::2] = 1.0 / in_features   # element for even k, one input element for odd k
+        widths[:, :full] = 1.0
+        locations[:, :full] = 0.0
+        layer = cls(U, V, widths, locations, bias, sigma)
         layer.projection_error = relative_error(layer.to_dense(), weight)
         return layer
 
