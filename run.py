@@ -1,7 +1,10 @@
 """gblr entry point: `python run.py [group=option ...] [key=value ...]` (see configs/config.yaml).
 
-In a multirun (`-m`) every job is isolated: a job that fails writes `error.txt` in its folder and
-the sweep goes on; a rerun of the same sweep skips the jobs whose results.json already exists.
+Exit codes (gblr/exits.py): 0 finished, 1 a bug (traceback), 2 bad input, 3 non-finite loss, 4 the run
+folder is in use, 5 stopped and resumable (resume=true), 6 a multirun with failed jobs. In a multirun
+(`-m`) a job that fails writes `error.txt` in its folder and the sweep goes on; at the end the failed
+jobs are listed and the exit code is 6. A stop signal stops the whole sweep (exit 5). A rerun of a
+sweep skips the jobs whose results.json holds a finished run of the same settings.
 """
 import os
 import sys
@@ -11,22 +14,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from gblr import distributed
+from gblr import exits
 from gblr.config import CONFIG_DIR
-from gblr.runner import run
-
-# Exit codes by kind of failure: 2 = bad input (nothing written), 3 = a diverged run (the last
-# good checkpoint stays). Anything else is a bug: its traceback is shown.
-EXIT_CODES = {ValueError: 2, FileNotFoundError: 2, FloatingPointError: 3}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg):
+    from gblr import distributed
+    from gblr.runner import run
+
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = run(cfg, skip_existing=multirun)
         distributed.teardown()
-        return result
     except Exception as error:
         if multirun:  # keep the reason in the job's folder and let the sweep go on
             path = os.path.join(HydraConfig.get().runtime.output_dir, "error.txt")
@@ -35,12 +35,18 @@ def main(cfg):
             print(f"error: job {HydraConfig.get().job.num} failed ({type(error).__name__}: {error}); see {path}",
                   file=sys.stderr)
             return None
-        code = next((c for kind, c in EXIT_CODES.items() if isinstance(error, kind)), None)
+        code = exits.exit_code(error)
         if code is None or os.environ.get("GBLR_DEBUG"):
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(code)
+    if not result.get("completed"):
+        print(f"stopped: resume=true continues {result.get('run_dir')}", file=sys.stderr)
+        sys.exit(exits.STOPPED)  # in a multirun, this stops the whole sweep
+    return result
 
 
 if __name__ == "__main__":
     main()
+    if exits.SweepReport.failed:
+        sys.exit(exits.SWEEP_FAILED)

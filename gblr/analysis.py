@@ -436,6 +436,7 @@ def plot_layout(results, path: Path) -> bool:
     from its checkpoint.pt; False (nothing written) without a global-budget GBLR run that has one."""
     import torch  # only this figure needs it, and only with a checkpoint
 
+    from gblr.files import load_safely
     from gblr.layers.gaudi import boxcar, hard_widths
 
     runs = [r for r in results if r["weight"] == "gblr" and budget_mode(r) == "global"
@@ -445,7 +446,7 @@ def plot_layout(results, path: Path) -> bool:
     runs = [r for r in runs if (r["model"], r["data"]) == (runs[0]["model"], runs[0]["data"])]
     budgets = sorted({r["budget"] for r in runs})
     run = min((r for r in runs if r["budget"] == budgets[len(budgets) // 2]), key=lambda r: r["seed"])
-    state = torch.load(Path(run["_folder"]) / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)["model"]
+    state = load_safely(Path(run["_folder"]) / "checkpoint.pt", what="checkpoint", mmap=True)["model"]
     depth = max(layer_site(layer["name"])[0] for layer in run["layers"]) // 2
     layers = [layer for layer in run["layers"] if layer_site(layer["name"])[0] == depth]
     fig = Figure(figsize=(3.4 * len(layers) + 0.6, 3.9), layout="constrained")

@@ -1,13 +1,39 @@
-"""Results files: atomic writes (files and folders), the versions a result was made with, the summary table."""
+"""Files a run trusts: atomic writes, safe loading, locks, checksummed cache entries, versions.
+
+- ``atomic_write``: a reader sees the old file or the new one, never half of one (temp + rename).
+- ``load_safely``: ``torch.load(weights_only=True)``; tensors and plain containers only, so
+  loading a planted file never runs code. A file it cannot load raises ``BadFile`` naming it.
+- ``locked``: one writer per run folder or cache entry (``fcntl.flock``); a second process is
+  told who holds it (``Busy``) or waits for it.
+- cache entries: each file ``x`` has ``x.json`` beside it with the key it was made for and its
+  sha256; ``entry_problem`` says why an entry may not be used (missing, other key, corrupt).
+"""
+import contextlib
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import platform
 import secrets
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("gblr")
+TEMP_MARK = ".tmp-"
+
+
+class BadFile(ValueError):
+    """A file that cannot be loaded safely: truncated, corrupt, or holding more than tensors."""
+
+
+class Busy(RuntimeError):
+    """A run folder or cache entry that another process holds."""
 
 
 def atomic_write(path: str | Path, write, directory: bool = False) -> None:
@@ -22,7 +48,7 @@ def atomic_write(path: str | Path, write, directory: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A fresh name, not tempfile.mkstemp/mkdtemp: their 0600/0700 modes would survive the rename
     # and hide shared caches and results from other users.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
     try:
         if directory:
             tmp.mkdir()
@@ -45,6 +71,133 @@ def write_json(path: str | Path, obj) -> None:
 def save_checkpoint(path: str | Path, obj) -> None:
     """torch.save, atomically."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def remove_temp_files(folder: str | Path, name: str = "") -> list[Path]:
+    """Delete the temp files ``atomic_write`` left in ``folder`` (for ``name``, or any) when a writer
+    was killed mid-write. Call it only while holding the lock of what is written there."""
+    found = list(Path(folder).glob(f".{name}*{TEMP_MARK}*"))
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return found
+
+
+def load_safely(path: str | Path, map_location="cpu", what: str = "file", mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=True)``, or ``BadFile`` naming the file and why."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as error:  # truncated zip, EOF, a pickled object that is not plain data, ...
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        if "weights only" in str(error).lower() or "weights_only" in str(error):
+            reason = "it holds Python objects that only an unsafe load (one that can run code) would read"
+        raise BadFile(f"{what} {path} cannot be loaded safely: {reason}") from None
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, what: str, wait: bool = False):
+    """Hold an exclusive lock on ``path`` (created; it records the holder) for the ``with`` block.
+
+    wait=False: raise ``Busy`` naming the holder when another process has it (a run folder);
+    wait=True: wait for it, saying so once (a cache entry another run is building).
+    Raises ValueError when the lock cannot be created (the folder is not writable).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as error:
+        raise ValueError(f"{what}: cannot write in {path.parent} ({error.strerror}); "
+                         f"choose a writable folder") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            if not wait:
+                raise Busy(f"{what} is in use by {holder}; wait for it to finish or choose another folder") from None
+            log.info(f"waiting for {holder}, which holds {what}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def check_writable(folder: str | Path, key: str) -> None:
+    """ValueError naming ``key`` unless ``folder`` exists or can be made, and a file can be written in it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{key} {str(folder)!r} is not writable ({error.strerror}); choose a folder you can write "
+                         f"to") from None
+
+
+def checksum(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's relative file names and contents."""
+    path, digest = Path(path), hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def entry_record(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def write_entry(path: str | Path, write, key, directory: bool = False) -> None:
+    """Write a cache entry atomically (``atomic_write``), then its record: the key and checksum."""
+    atomic_write(path, write, directory=directory)
+    write_json(entry_record(path), {"key": key, "sha256": checksum(path)})
+
+
+def entry_problem(path: str | Path, key) -> str | None:
+    """Why the cache entry at ``path`` may not be used for ``key`` (None when it may)."""
+    path, record = Path(path), entry_record(path)
+    if not path.exists():
+        return "is missing"
+    try:
+        stored = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return f"has no readable record ({record.name})"
+    if stored.get("key") != json.loads(json.dumps(key, default=str)):
+        return "was made for other settings"
+    if stored.get("sha256") != checksum(path):
+        return "is corrupt (its checksum does not match its record)"
+    return None
+
+
+def cached(path: str | Path, key, build, load, directory: bool = False):
+    """``load(path)`` of the cache entry at ``path``, made by ``build(tmp)`` first when it is missing,
+    made for another key, corrupt or unreadable (a warning names it then). One process builds an
+    entry while the others wait for it."""
+    path = Path(path)
+    with locked(path.with_name(path.name + ".lock"), what=f"cache entry {path}", wait=True):
+        remove_temp_files(path.parent, path.name)
+        problem = entry_problem(path, key)
+        if problem is None:
+            try:
+                return load(path)
+            except Exception as error:  # a library's own reader: it names the trouble, not the file
+                problem = f"cannot be read ({str(error).splitlines()[0][:160] if str(error) else type(error).__name__})"
+        if path.exists():
+            log.warning(f"warning: cache entry {path} {problem}; making it again")
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        write_entry(path, build, key, directory=directory)
+        return load(path)
 
 
 def versions() -> dict:

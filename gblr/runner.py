@@ -5,6 +5,7 @@ in the run directory. Tests call it directly; run.py is a thin Hydra entry point
 differs between model families (data, model, loss, evaluation) is the task's (``gblr.tasks``),
 chosen by the model config; what holds the FLOP budget is ``gblr.budget.Budget``.
 """
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,11 +15,12 @@ from pathlib import Path
 import torch
 
 from gblr import distributed
-from gblr.budget import Budget, check_mode
-from gblr.structure_optim import check_structure_optimizer
+from gblr.budget import Budget
 from gblr.flops import flop_report, per_layer_report
-from gblr.layers import check_budget, layer_class
-from gblr.files import save_checkpoint, versions, write_json
+from gblr.files import BadFile, check_writable, entry_problem, load_safely, locked, remove_temp_files, versions, \
+    write_entry, write_json
+from gblr.run_folder import check_folder, claimed, identity, resolve_run_dir
+from gblr.validate import check_config, check_conversion
 from gblr.surgery import replace_layers
 from gblr.tasks import build_task, plain
 from gblr.tracking import Logger
@@ -30,26 +32,41 @@ log = logging.getLogger("gblr")
 def run(cfg, skip_existing: bool = False) -> dict:
     """Run one experiment (see the module docstring); return the result written to results.json.
 
-    skip_existing: when the run directory already holds a completed results.json (a rerun of a
-    sweep), return it without running again.
+    The whole config is checked first (``gblr.validate``); then the run folder is held for the run
+    (``gblr.run_folder``: one writer; its stored results or checkpoint are reused only when they are
+    of this run's identity). skip_existing: when the folder already holds this run's finished
+    results.json (a rerun of a sweep), return it without running again.
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     start_time = time.time()
+    check_config(cfg)
     device = distributed.setup(cfg.device)  # under torchrun: this rank's device; only rank 0 writes
     log.setLevel(logging.INFO if distributed.is_main() else logging.WARNING)
     kind, budget = weight_and_budget(cfg)
     run_dir = resolve_run_dir(cfg)
-    if skip_existing and not cfg.dry_run and (previous := finished_result(run_dir)) is not None:
-        return previous
+    with claimed(run_dir, main=distributed.is_main()):
+        if (previous := check_folder(cfg, run_dir, skip_existing)) is not None:
+            return previous
+        return experiment(cfg, kind, budget, run_dir, device, start_time)
 
+
+def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time: float) -> dict:
+    """data -> model -> dense start -> structured layers under the budget -> fine-tune -> results.json"""
     task = build_task(cfg, device)
+    check_writable(task.cache_dir, "cache_dir")
     if not cfg.dry_run:
         task.load_data()  # a missing dataset fails before any model is built or downloaded
+        for key in ("start", "train"):
+            if cfg[key].batch_size > len(task.train_set):
+                raise ValueError(f"{key}.batch_size must be at most the training set's {len(task.train_set)} "
+                                 f"examples, got {cfg[key].batch_size}")
     torch.manual_seed(cfg.start.seed)
     model, weights = task.build_model(allow_random_fallback=cfg.dry_run)
     model.to(device)
     log.info(f"model {cfg.model.name}: {weights}")
+    options = conversion_options(cfg)
+    check_conversion(model, cfg.model.targets, kind, budget, options)
 
     metrics, history = {}, []
     if not cfg.dry_run:
@@ -58,7 +75,7 @@ def run(cfg, skip_existing: bool = False) -> dict:
             return {"completed": False, "run_dir": str(run_dir), "history": []}
         metrics.update({f"start_{k}": v for k, v in start.items()})
 
-    replace_layers(model, cfg.model.targets, kind, budget, **conversion_options(cfg))
+    replace_layers(model, cfg.model.targets, kind, budget, **options)
     model.to(device)
     keeper = Budget(model, budget, mode=cfg.weight.get("budget_mode", "global"),
                     penalty=cfg.weight.get("penalty", 0.0), sigma=cfg.weight.get("sigma"),
@@ -77,7 +94,7 @@ def run(cfg, skip_existing: bool = False) -> dict:
         "data_description": task.info["description"] if task.info else None, "weights": weights,
         "metrics": metrics, "flops": flop_report(model, task.flop_tokens), "layers": per_layer_report(model),
         "history": history, "world_size": distributed.world_size(), "time_s": round(time.time() - start_time, 2),
-        "versions": versions(), "config": plain(cfg), "completed": True,
+        "versions": versions(), "config": plain(cfg), "identity": identity(cfg), "completed": True,
     }
     if distributed.is_main():
         write_json(run_dir / "results.json", result)
@@ -87,11 +104,8 @@ def run(cfg, skip_existing: bool = False) -> dict:
 
 
 def weight_and_budget(cfg) -> tuple[str, float]:
-    """The weight type and the budget it is held to, checked before any data is read."""
-    budget, kind = check_budget(cfg.budget), cfg.weight.kind
-    layer_class(kind)
-    check_mode(cfg.weight.get("budget_mode", "global"))
-    check_structure_optimizer(cfg.train.structure_optimizer)
+    """The weight type and the budget it is held to (a dense layer ignores the budget)."""
+    budget, kind = float(cfg.budget), cfg.weight.kind
     if kind == "dense" and budget < 1:
         log.info(f"weight=dense ignores budget={budget}: dense layers cost in * out MACs (budget recorded as 1)")
         budget = 1.0
@@ -103,37 +117,15 @@ def conversion_options(cfg) -> dict:
     return {k: v for k, v in plain(cfg.weight.get("options")).items() if v is not None}
 
 
-def resolve_run_dir(cfg) -> Path:
-    """cfg.out_dir, except in a multirun, where each job has its own folder (hydra.sweep.subdir)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # not under Hydra (tests call run() directly)
-        pass
-    return Path(cfg.out_dir).expanduser()
-
-
-def finished_result(run_dir: Path) -> dict | None:
-    path = run_dir / "results.json"
-    if not path.exists():
-        return None
-    previous = json.loads(path.read_text())
-    if previous.get("completed") and not previous.get("dry_run"):
-        log.info(f"skipping: {path} exists")
-        return previous
-    return None
-
-
 def dense_start(cfg, task, model, device) -> dict | None:
     """The dense starting model: pretrained weights as loaded, or trained here and cached.
 
     The cache key is the model, the data and every setting the start is trained with (``start``),
     so every weight type, budget and fine-tune seed of a sweep starts from the same dense model.
-    Returns the start's metrics, or None when a preemption signal stopped its training (nothing is
-    cached then).
+    The entry is verified on load (key and checksum, ``gblr.files.entry_problem``); one that is
+    corrupt or made for other settings is trained again, with a warning naming it. One process
+    trains an entry while the others wait for it. Returns the start's metrics, or None when a
+    preemption signal stopped its training (nothing is cached then).
     """
     if cfg.model.pretrained:
         return task.evaluate(model)
@@ -144,20 +136,31 @@ def dense_start(cfg, task, model, device) -> dict | None:
                      sort_keys=True, default=str)
     path = (task.cache_dir / "starts"
             / f"{cfg.model.name}-{cfg.data.name}-s{settings['seed']}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
-    if path.exists():
-        state = torch.load(path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        log.info(f"dense start loaded from {path}")
-        return state["metrics"]
-    log.info(f"training the dense start ({settings['epochs']} epochs); cached at {path}")
-    outcome = train(model, task.train_set, task.loss, task.evaluate, settings,
-                    groups=param_groups(model, settings["lr"], settings["weight_decay"]),
-                    seed=settings["seed"], device=device, log=log.info, desc="dense start")
-    if not outcome["completed"]:
-        return None
-    metrics = task.evaluate(model)
-    if distributed.is_main():
-        save_checkpoint(path, {"model": model.state_dict(), "metrics": metrics, "key": key})
+    with locked(path.with_name(path.name + ".lock"), what=f"the dense start {path.name}", wait=True) \
+            if distributed.is_main() else contextlib.nullcontext():
+        if distributed.is_main():
+            remove_temp_files(path.parent, path.name)
+        problem = entry_problem(path, key)
+        if problem is None:
+            try:
+                state = load_safely(path, map_location=device, what="cached dense start")
+                model.load_state_dict(state["model"])
+                log.info(f"dense start loaded from {path}")
+                return state["metrics"]
+            except (BadFile, KeyError, RuntimeError) as error:
+                problem = f"cannot be used ({error})"
+        if path.exists():
+            log.warning(f"warning: the cached dense start {path} {problem}; training it again")
+        log.info(f"training the dense start ({settings['epochs']} epochs); cached at {path}")
+        outcome = train(model, task.train_set, task.loss, task.evaluate, settings,
+                        groups=param_groups(model, settings["lr"], settings["weight_decay"]),
+                        seed=settings["seed"], device=device, log=log.info, desc="dense start")
+        if not outcome["completed"]:
+            return None
+        metrics = task.evaluate(model)
+        if distributed.is_main():
+            write_entry(path, lambda tmp: torch.save({"model": model.state_dict(), "metrics": metrics, "key": key}, tmp),
+                        key)
     distributed.barrier()
     return metrics
 
@@ -172,7 +175,7 @@ def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: 
         groups = param_groups(model, t.lr, t.weight_decay, apart=keeper.parameters()) + keeper.param_groups()
         outcome = train(model, task.train_set, task.loss, task.evaluate, plain(t), groups=groups, seed=cfg.seed,
                         device=device, checkpoint=run_dir / "checkpoint.pt", resume=cfg.resume, hooks=[keeper],
-                        log=log.info, report=logger.log, desc="fine-tune")
+                        log=log.info, report=logger.log, desc="fine-tune", stamp=identity(cfg))
         if outcome["completed"]:
             keeper.finish()
             metrics.update(task.evaluate(model))

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gblr import distributed
-from gblr.files import save_checkpoint
+from gblr.files import load_safely, save_checkpoint
 from gblr.structure_optim import build_optimizer
 
 
@@ -101,18 +101,27 @@ def signal_name(signum) -> str:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    """The torch, numpy and Python random states as tensors and numbers, so that a checkpoint
+    holding them loads with ``torch.load(weights_only=True)``."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "random": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
 
 
 def set_rng_state(state: dict) -> None:
+    n, r = state["numpy"], state["random"]
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["random"])
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((r["version"], tuple(r["internal"].tolist()), r["gauss_next"]))
 
 
 def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: list[dict], seed: int,
           device: torch.device, checkpoint: Path | None = None, resume: bool = False, hooks=(),
-          log=print, report=None, desc: str = "train") -> dict:
+          log=print, report=None, desc: str = "train", stamp: dict | None = None) -> dict:
     """Train ``model`` in place; return {"history": [per-epoch metrics], "completed": bool, "preempted": bool}.
 
     settings: epochs, batch_size, grad_accum, lr, min_lr, warmup_epochs, schedule, clip_grad, amp,
@@ -130,6 +139,7 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
     A non-finite loss skips the step up to ``max_bad_steps`` times (e.g. fp16 overflow), then
     raises FloatingPointError naming the step; the checkpoint of the last good epoch stays.
     log(line) gets one line per epoch; report(metrics), when given, the epoch's metrics dict.
+    stamp: saved in the checkpoint as "identity" (what the run is; the caller checks it before resuming).
     """
     g = settings.get
     epochs, accum, batch_size = g("epochs"), g("grad_accum", 1), g("batch_size")
@@ -155,7 +165,7 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
 
     history, start_epoch, position = [], 0, None
     if resume and checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = load_safely(checkpoint, map_location=device, what="checkpoint")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -167,7 +177,7 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
         if checkpoint is not None and distributed.is_main():
             save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                          "scaler": scaler.state_dict(), "epoch": epoch_done, "history": history,
-                                         "position": position})
+                                         "position": position, "identity": stamp})
         distributed.barrier()
 
     def anywhere(flag: bool) -> bool:
@@ -229,8 +239,9 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
                     bar.close()
                     save(epoch, {"step": step_in_epoch + 1, "loss_sum": loss_sum, "micro_steps": micro_steps,
                                  "rng": rng_state()})
-                    log(f"{signal_name(stop.signum)}: checkpoint written at epoch {epoch + 1}, step "
-                        f"{step_in_epoch + 1}; resume=true continues from {checkpoint}")
+                    log(f"{signal_name(stop.signum)}: stopped at epoch {epoch + 1}, step {step_in_epoch + 1}; "
+                        + (f"checkpoint written, resume=true continues from {checkpoint}" if checkpoint is not None
+                           else "nothing was saved: a rerun starts this training again"))
                     return {"history": history, "completed": False, "preempted": True}
             bar.close()
             loss_total, loss_count = distributed.all_sum(loss_sum, micro_steps)
@@ -244,8 +255,9 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"))
             save(epoch + 1)
             if anywhere(stop.signum is not None) and epoch + 1 < epochs:
-                log(f"{signal_name(stop.signum)}: checkpoint written after epoch {epoch + 1}; "
-                    f"resume=true continues from {checkpoint}")
+                log(f"{signal_name(stop.signum)}: stopped after epoch {epoch + 1}; "
+                    + (f"checkpoint written, resume=true continues from {checkpoint}" if checkpoint is not None
+                       else "nothing was saved: a rerun starts this training again"))
                 return {"history": history, "completed": False, "preempted": True}
             if g("stop_after") is not None and epoch + 1 >= g("stop_after") and epoch + 1 < epochs:
                 log(f"stopping after epoch {epoch + 1} (train.stop_after); resume=true continues from {checkpoint}")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from gblr.data import default_cache_dir
-from gblr.files import atomic_write
+from gblr.files import cached
 
 
 def sha1(text: str) -> str:
@@ -34,17 +34,22 @@ def cache_path(cache_dir, dataset: str, split: str, key_parts: list) -> Path:
 def cached_tokens(path: Path, make_ids, vocab_size: int) -> np.ndarray:
     """The token stream at path, memory-mapped; make_ids() -> 1-D int array builds it once.
 
-    Returns a read-only np.memmap of shape (n_tokens,), uint16 or uint32 by vocab_size.
+    Returns a read-only np.memmap of shape (n_tokens,), uint16 or uint32 by vocab_size. The file is
+    a checksummed cache entry (``gblr.files.cached``): a corrupt one is made again, with a warning.
     """
-    if not path.is_file():
+
+    def save(tmp):
         ids = np.asarray(make_ids()).astype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a bare name
+            np.save(f, ids)
 
-        def save(tmp):
-            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a bare name
-                np.save(f, ids)
+    def load(path):
+        ids = np.load(path, mmap_mode="r")
+        if len(ids) and int(ids.max()) >= vocab_size:
+            raise ValueError(f"token id {int(ids.max())} is outside the tokenizer's {vocab_size} ids")
+        return ids
 
-        atomic_write(path, save)
-    return np.load(path, mmap_mode="r")
+    return cached(path, path.stem, save, load)
 
 
 class TokenBlocks(torch.utils.data.Dataset):

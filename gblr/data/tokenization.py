@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gblr.data.token_stream import sha1
 from gblr.hub import hub_offline, hub_reachable
-from gblr.files import atomic_write
+from gblr.files import cached
 
 EOS = "<|endoftext|>"
 
@@ -37,7 +37,12 @@ def load_tokenizer(name_or_path="gpt2"):
     try:
         source = str(path) if path.is_dir() else name_or_path
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=bool(why))
-    except OSError as e:
+    except Exception as e:
+        if path.is_dir():  # a truncated or foreign tokenizer.json: name the folder, not the parser's line
+            raise ValueError(f"data.tokenizer folder {path} cannot be read as a tokenizer "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        if not isinstance(e, OSError):
+            raise
         raise FileNotFoundError(
             f"tokenizer {name_or_path!r} is not a local directory and could not be loaded from the "
             f"Hugging Face cache or hub ({why or str(e).splitlines()[0]}); set "
@@ -54,28 +59,29 @@ def load_tokenizer(name_or_path="gpt2"):
 def byte_level_bpe(texts: list[str], vocab_size: int, path: Path):
     """A byte-level BPE of vocab_size tokens trained on texts; trained once, then loaded from path.
 
-    path is the tokenizer.json to write (the `tokenizers` library's own format), through
-    `atomic_write`. Id 0 is <|endoftext|>; the 256 byte symbols are always in the vocabulary, so
+    path is the tokenizer.json to write (the `tokenizers` library's own format), a checksummed cache
+    entry (``gblr.files.cached``). Id 0 is <|endoftext|>; the 256 byte symbols are always in the vocabulary, so
     any text encodes without unknown tokens. Returns a tokenizers.Tokenizer.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257:
         raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 bytes + {EOS}")
-    if path.is_file():
-        return Tokenizer.from_file(str(path))
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    atomic_write(path, tokenizer.save)
-    return tokenizer
+
+    def train(tmp):
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(texts, trainer)
+        tokenizer.save(tmp)
+
+    return cached(path, [vocab_size, sha1("\0".join(texts))], train, lambda p: Tokenizer.from_file(str(p)))
 
 
 def backend(tokenizer):

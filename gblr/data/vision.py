@@ -18,7 +18,7 @@ from pathlib import Path
 from torchvision import datasets, transforms
 
 from gblr.data import default_cache_dir
-from gblr.files import atomic_write
+from gblr.files import cached
 
 # timm's default ViT-B/16 weights (augreg) normalize with mean = std = 0.5. Pass the
 # model's own pretrained_cfg mean/std when it differs (e.g. DeiT weights use ImageNet mean/std).
@@ -121,32 +121,30 @@ def prepare_digits(cache_dir=None) -> Path:
     Layout: train/<digit>/<index>.png and val/<digit>/<index>.png, 8x8 8-bit grey, pixel value
     round(v * 255 / 16) of the original 0..16 intensity; <index> is the row in load_digits().
     Split: stratified by class, DIGITS_VAL_FRACTION to val, seed DIGITS_SPLIT_SEED (1,437 train /
-    360 val). Written through `atomic_write`, so a crash or a concurrent run never leaves a
-    half-written dataset behind.
+    360 val). A checksummed cache entry (``gblr.files.cached``): a crash or a concurrent run never
+    leaves a half-written dataset behind, and a damaged one is written again.
     """
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     target = Path(cache_dir or default_cache_dir()).expanduser() / "digits"
-    if target.is_dir():
-        return target
-    digits = load_digits()
-    images = (digits.images * (255.0 / 16.0)).round().astype("uint8")  # (1797, 8, 8)
-    labels = digits.target
-    train_idx, val_idx = train_test_split(
-        range(len(labels)), test_size=DIGITS_VAL_FRACTION, stratify=labels, random_state=DIGITS_SPLIT_SEED
-    )
 
     def write_pngs(tmp):
+        digits = load_digits()
+        images = (digits.images * (255.0 / 16.0)).round().astype("uint8")  # (1797, 8, 8)
+        labels = digits.target
+        train_idx, val_idx = train_test_split(
+            range(len(labels)), test_size=DIGITS_VAL_FRACTION, stratify=labels, random_state=DIGITS_SPLIT_SEED
+        )
         for split, indices in (("train", train_idx), ("val", val_idx)):
             for i in indices:
                 folder = Path(tmp) / split / str(labels[i])
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(images[i]).save(folder / f"{i:04d}.png")
 
-    atomic_write(target, write_pngs, directory=True)
-    return target
+    return cached(target, {"version": 1, "val_fraction": DIGITS_VAL_FRACTION, "seed": DIGITS_SPLIT_SEED},
+                  write_pngs, lambda path: path, directory=True)
 
 
 def digits_transforms(img_size=32, mean=DEFAULT_MEAN, std=DEFAULT_STD, augment=False):

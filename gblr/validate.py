@@ -1,0 +1,134 @@
+"""The whole config checked before any data is read or any model trained.
+
+Each failure is one ValueError (exit code 2) naming the key, the value and what is allowed. What
+needs the model (a weight type's options, the budget each layer can meet) is checked by
+``check_conversion`` on the freshly built model, before the dense start.
+"""
+import inspect
+import math
+from numbers import Integral, Real
+from pathlib import Path
+
+from gblr.budget import check_mode
+from gblr.layers import check_budget, layer_class
+from gblr.structure_optim import check_structure_optimizer
+from gblr.train import SCHEDULES
+
+
+def integer(low: int):
+    def check(v):
+        return isinstance(v, Integral) and not isinstance(v, bool) and v >= low
+    return check, f"an integer >= {low}"
+
+
+def number(low: float, strict: bool):
+    def check(v):
+        return (isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > low if strict else v >= low))
+    return check, f"a finite number {'>' if strict else '>='} {low:g}"
+
+
+def optional(rule):
+    check, allowed = rule
+    return (lambda v: v is None or check(v)), f"null or {allowed}"
+
+
+def one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+
+
+def boolean():
+    return (lambda v: isinstance(v, bool)), "true or false"
+
+
+# Settings shared by train and start (a fine-tune and the dense start are trained by one loop).
+LOOP = {"epochs": integer(1), "batch_size": integer(1), "grad_accum": integer(1), "lr": number(0, True),
+        "min_lr": number(0, False), "warmup_epochs": number(0, False), "schedule": one_of(*SCHEDULES),
+        "weight_decay": number(0, False), "clip_grad": optional(number(0, True)),
+        "amp": one_of("auto", "off", "bf16", "fp16"), "num_workers": integer(0), "seed": integer(0)}
+RULES = {
+    "seed": integer(0), "dry_run": boolean(), "resume": boolean(), "fresh": boolean(),
+    **{f"train.{k}": rule for k, rule in LOOP.items() if k != "seed"},
+    "train.structure_lr": optional(number(0, True)), "train.eval_batch_size": integer(1),
+    "train.stop_after": optional(integer(1)), "train.max_bad_steps": integer(0),
+    **{f"start.{k}": rule for k, rule in LOOP.items()},
+    "data.block_size": integer(1), "data.img_size": integer(1), "data.vocab_size": integer(2),
+}
+
+
+def check_config(cfg) -> None:
+    """ValueError for the first setting that is out of range (see RULES), a device, a weight type,
+    budget mode or structure optimizer that does not exist, or a pretrained folder that is empty."""
+    for key, (check, allowed) in RULES.items():
+        value, present = lookup(cfg, key)
+        if present and not check(value):
+            raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    check_budget(cfg.budget)
+    layer_class(cfg.weight.kind)
+    check_mode(cfg.weight.get("budget_mode", "global"))
+    check_structure_optimizer(cfg.train.structure_optimizer)
+    device = str(cfg.device)
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    for key in ("train", "start"):
+        loop = cfg[key]
+        if loop.batch_size % loop.grad_accum:
+            raise ValueError(f"{key}.batch_size ({loop.batch_size}, the global batch) must be a multiple of "
+                             f"{key}.grad_accum ({loop.grad_accum})")
+    pretrained = cfg.model.get("pretrained")
+    if pretrained and Path(str(pretrained)).expanduser().is_dir() and not any(Path(str(pretrained)).expanduser().iterdir()):
+        raise ValueError(f"model.pretrained {pretrained!r} is an empty folder; give the folder or file that holds "
+                         f"the weights, or pretrained=null for random init")
+
+
+def lookup(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if node is None or part not in node:
+            return None, False
+        node = node[part]
+    return node, True
+
+
+def check_options(kind: str, options: dict) -> None:
+    """ValueError naming options that weight type ``kind`` does not take (a typo such as rnak)."""
+    allowed = {"init", "fit_steps"} if kind == "gblr" else set()  # gblr.fit.from_dense's own
+    signature = inspect.signature(layer_class(kind).from_dense)
+    allowed |= {name for name in signature.parameters if name not in ("weight", "bias", "budget")}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"weight.options {unknown} are not options of weight={kind}; it takes "
+                         f"{', '.join(sorted(allowed)) or 'none'}")
+
+
+def check_conversion(model, targets, kind: str, budget: float, options: dict) -> None:
+    """Convert one layer of each distinct shape among ``targets`` (on its current weights) so that a
+    budget a layer cannot meet, or a bad option value, fails now and not after the dense start."""
+    import torch
+
+    from gblr.fit import from_dense
+    from gblr.surgery import default_targets, _dense_weight, _matches
+
+    check_options(kind, options)
+    targets = default_targets(model) if targets is None else [targets] if isinstance(targets, str) else list(targets)
+    split = [t.rpartition(".")[0] + ".qkv" for t in targets if t.split(".")[-1] in ("q", "k", "v")]
+    seen = set()
+    for name, module in model.named_modules():
+        fused = any(_matches(name, t) for t in split)  # timm's fused qkv, split into three square layers later
+        if not (fused or any(_matches(name, t) for t in targets)) or not isinstance(getattr(module, "weight", None),
+                                                                                    torch.Tensor):
+            continue
+        weight, _ = _dense_weight(module)
+        weight = weight[: weight.shape[0] // 3] if fused else weight
+        name = name[:-2] if fused else name  # attn.q: the first of the three square layers
+        if weight.dim() != 2 or tuple(weight.shape) in seen:
+            continue
+        seen.add(tuple(weight.shape))
+        out_features, in_features = weight.shape
+        if kind == "gblr" and budget * in_features * out_features < in_features + out_features:
+            raise ValueError(f"budget {budget} is below one full-width rank-1 component of the {out_features}x"
+                             f"{in_features} layer {name} ({in_features + out_features} MACs per token, budget "
+                             f">= {(in_features + out_features) / (in_features * out_features):.4g})")
+        probe = {**options, "fit_steps": 1} if options.get("init") == "fit" else options
+        with torch.no_grad():
+            from_dense(kind, weight.detach().float().cpu(), None, budget, **probe)
