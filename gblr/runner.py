@@ -42,6 +42,8 @@ def run(cfg, skip_existing: bool = False) -> dict:
     run_dir = resolve_run_dir(cfg)
     if skip_existing and not cfg.dry_run and (previous := finished_result(run_dir)) is not None:
         return previous
+    # Before any heavy work, so that a run failing in the data or the dense start shows in wandb.
+    logger = Logger(cfg, run_dir, enabled=distributed.is_main() and not cfg.dry_run)
 
     task = build_task(cfg, device)
     if not cfg.dry_run:
@@ -66,7 +68,7 @@ def run(cfg, skip_existing: bool = False) -> dict:
                     structure_lr=cfg.train.structure_lr or cfg.train.lr,
                     structure_optimizer=cfg.train.structure_optimizer)
     if not cfg.dry_run:
-        outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics)
+        outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics, logger)
         history = outcome["history"]
         if not outcome["completed"]:
             return {"completed": False, "run_dir": str(run_dir), "history": history}
@@ -83,6 +85,7 @@ def run(cfg, skip_existing: bool = False) -> dict:
         write_json(run_dir / "results.json", result)
         log.info(f"results: {run_dir / 'results.json'}")
         print(summary_table(result), flush=True)
+    logger.close(result)
     return result
 
 
@@ -162,11 +165,11 @@ def dense_start(cfg, task, model, device) -> dict | None:
     return metrics
 
 
-def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: dict) -> dict:
+def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: dict, logger: Logger) -> dict:
     """Fine-tune the structured model under the budget; add the converted and final metrics to
-    ``metrics`` (the final ones of the hard structure). Returns ``train``'s outcome."""
+    ``metrics`` (the final ones of the hard structure). Returns ``train``'s outcome; the logger
+    is closed here when training fails (the runner closes it with the results otherwise)."""
     metrics[f"converted_{task.metric}"] = task.evaluate(model)[task.metric]
-    logger = Logger(cfg, run_dir, enabled=distributed.is_main())
     try:
         t = cfg.train
         groups = param_groups(model, t.lr, t.weight_decay, apart=keeper.parameters()) + keeper.param_groups()
@@ -176,8 +179,11 @@ def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: 
         if outcome["completed"]:
             keeper.finish()
             metrics.update(task.evaluate(model))
-    finally:
-        logger.close(metrics)
+        else:
+            logger.close({"metrics": metrics}, preempted=outcome["preempted"])
+    except BaseException:
+        logger.close({"metrics": metrics}, exit_code=1)
+        raise
     return outcome
 
 
