@@ -4,10 +4,12 @@ The wandb run starts with the job, before the data and the dense start, so that 
 there shows up (failed) in wandb too. Its id is kept in the run directory (``wandb_id``): a run
 resumed with resume=true continues the same wandb run (``resume="allow"``), a fresh run in the
 same folder starts a new one. The runs of one sweep share a ``group`` (logger.group, by default
-the multirun's sweep folder name), so wandb's grouped view compares them. Metrics arrive as
+the multirun's sweep folder name), so wandb's grouped view compares them. WANDB_MODE, when set,
+overrides logger.mode (wandb itself lets the argument win). Metrics arrive as
 ``train/...`` every train.log_every steps and ``val/...`` per evaluation, against the optimizer
 ``step``; the run's final metrics, FLOPs and per-layer table go to the summary at the end.
 """
+import os
 import secrets
 from pathlib import Path
 
@@ -57,7 +59,8 @@ class Logger:
             self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"),
                                   group=cfg.logger.get("group") or sweep_name(),
                                   id=run_id(run_dir, bool(cfg.get("resume"))), resume="allow",
-                                  mode=cfg.logger.get("mode", "offline"), dir=str(run_dir),
+                                  mode=os.environ.get("WANDB_MODE") or cfg.logger.get("mode", "offline"),
+                                  dir=str(run_dir),
                                   name=f"{cfg.model.name}-{cfg.data.name}-{run_dir.name}", job_type=cfg.weight.kind,
                                   config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
             # Our optimizer step is the x axis (wandb's own _step only counts log calls).

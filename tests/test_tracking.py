@@ -135,3 +135,11 @@ def test_the_group_defaults_to_the_sweep_folder_in_a_multirun(tmp_path):
         assert sweep_name() == "mini_vision-digits"
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_wandb_mode_in_the_environment_overrides_logger_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # wandb.init alone would let logger.mode=offline win
+    logger = Logger(compose("logger=wandb", "logger.mode=offline"), tmp_path)
+    logger.log({"train/loss": 1.0}, step=1)
+    logger.close(RESULT)
+    assert not (tmp_path / "wandb").exists()
