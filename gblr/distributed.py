@@ -12,16 +12,16 @@ import torch.distributed as dist
 
 
 def _from_submitit() -> None:
-    """Inside a multi-task submitit (Slurm) job, set the variables torchrun would have set."""
+    """Inside a multi-task submitit (Slurm) job, export the variables torchrun would have set
+    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) with submitit's own helper."""
     if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
         return
-    import submitit
+    from submitit.helpers import TorchDistributedEnvironment
 
-    env = submitit.JobEnvironment()
-    if env.num_tasks > 1:
-        os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank),
-                          WORLD_SIZE=str(env.num_tasks), MASTER_ADDR=env.hostnames[0],
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(29500 + int(env.job_id.split("_")[0]) % 1000)))
+    env = TorchDistributedEnvironment()  # MASTER_PORT: kept when set, else derived from the job id
+    if env.world_size > 1:
+        # Every task keeps seeing all of the node's GPUs and picks cuda:LOCAL_RANK (``setup``).
+        env.export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def setup(device_name: str) -> torch.device:
@@ -35,7 +35,8 @@ def setup(device_name: str) -> torch.device:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        # cuda:LOCAL_RANK of the node's GPUs; where the scheduler shows each task only its own, cuda:0
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")

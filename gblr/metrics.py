@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gblr import distributed
+from gblr.progress import progress
 
 
 def _eval_windows(n_tokens: int, block_size: int, stride):
@@ -55,7 +56,7 @@ def evaluate_perplexity(model, tokens, block_size, batch_size, stride=None, devi
     model.eval()
     nll_sum, count = 0.0, 0
     positions = torch.arange(1, block_size, device=device)  # window-local index of each target
-    for i in range(0, len(windows), batch_size):
+    for i in progress(range(0, len(windows), batch_size), "evaluate"):
         batch = windows[i : i + batch_size]
         ids = torch.from_numpy(np.stack([np.asarray(tokens[b : b + block_size], dtype=np.int64) for b, _ in batch]))
         ids = ids.to(device)

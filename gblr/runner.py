@@ -48,10 +48,12 @@ def run(cfg, skip_existing: bool = False) -> dict:
     with claimed(run_dir, main=distributed.is_main()):
         if (previous := check_folder(cfg, run_dir, skip_existing)) is not None:
             return previous
-        return experiment(cfg, kind, budget, run_dir, device, start_time)
+        # Before any heavy work, so that a run failing in the data or the dense start shows in wandb.
+        logger = Logger(cfg, run_dir, enabled=distributed.is_main() and not cfg.dry_run)
+        return experiment(cfg, kind, budget, run_dir, device, start_time, logger)
 
 
-def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time: float) -> dict:
+def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time: float, logger: Logger) -> dict:
     """data -> model -> dense start -> structured layers under the budget -> fine-tune -> results.json"""
     task = build_task(cfg, device)
     check_writable(task.cache_dir, "cache_dir")
@@ -83,7 +85,7 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
                     structure_lr=cfg.train.structure_lr or cfg.train.lr,
                     structure_optimizer=cfg.train.structure_optimizer)
     if not cfg.dry_run:
-        outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics)
+        outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics, logger)
         history = outcome["history"]
         if not outcome["completed"]:
             return {"completed": False, "run_dir": str(run_dir), "history": history}
@@ -100,6 +102,7 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         write_json(run_dir / "results.json", result)
         log.info(f"results: {run_dir / 'results.json'}")
         print(summary_table(result), flush=True)
+    logger.close(result)
     return result
 
 
@@ -165,11 +168,11 @@ def dense_start(cfg, task, model, device) -> dict | None:
     return metrics
 
 
-def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: dict) -> dict:
+def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: dict, logger: Logger) -> dict:
     """Fine-tune the structured model under the budget; add the converted and final metrics to
-    ``metrics`` (the final ones of the hard structure). Returns ``train``'s outcome."""
+    ``metrics`` (the final ones of the hard structure). Returns ``train``'s outcome; the logger
+    is closed here when training fails (the runner closes it with the results otherwise)."""
     metrics[f"converted_{task.metric}"] = task.evaluate(model)[task.metric]
-    logger = Logger(cfg, run_dir, enabled=distributed.is_main())
     try:
         t = cfg.train
         groups = param_groups(model, t.lr, t.weight_decay, apart=keeper.parameters()) + keeper.param_groups()
@@ -179,8 +182,11 @@ def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: 
         if outcome["completed"]:
             keeper.finish()
             metrics.update(task.evaluate(model))
-    finally:
-        logger.close(metrics)
+        else:
+            logger.close({"metrics": metrics}, preempted=outcome["preempted"])
+    except BaseException:
+        logger.close({"metrics": metrics}, exit_code=1)
+        raise
     return outcome
 
 

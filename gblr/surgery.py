@@ -6,6 +6,9 @@ Targets are module-name suffixes: "mlp.fc1" matches ``blocks.3.mlp.fc1``. The pa
 - in a Hugging Face GPT-2: attn.c_attn, mlp.c_fc, mlp.c_proj; attn.c_proj, the embeddings and the
   LM head stay dense.
 """
+import logging
+import time
+
 import torch
 from torch import nn
 from timm.models.vision_transformer import Attention, VisionTransformer
@@ -14,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from gblr.fit import from_dense
 from gblr.layers import StructuredLinear
 
+log = logging.getLogger("gblr")
 VIT_TARGETS = ("attn.q", "attn.k", "attn.v", "mlp.fc1", "mlp.fc2")
 GPT2_TARGETS = ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")
 
@@ -91,7 +95,8 @@ def replace_layers(model: nn.Module, targets, kind: str, budget: float,
     (``split_qkv``). budget: each layer's target MACs / its dense MACs; ``options`` go to
     ``gblr.fit.from_dense`` (``gblr.layers.from_dense``, plus GBLR's budgeted fit). The new layer takes (..., in) like the old one and gives (..., out), on the
     old weight's device and dtype. Returns [(name, new layer)] in model order. Raises ValueError
-    naming a target that matches no replaceable layer (nothing is replaced then).
+    naming a target that matches no replaceable layer (nothing is replaced then). Logs one line per
+    layer (a GBLR fit or SVD of a large layer takes seconds).
     """
     targets = default_targets(model) if targets is None else (targets,) if isinstance(targets, str) else tuple(targets)
     if any(t.split(".")[-1] in ("q", "k", "v") for t in targets):
@@ -103,15 +108,17 @@ def replace_layers(model: nn.Module, targets, kind: str, budget: float,
             raise ValueError(f"target {pattern!r} matches no nn.Linear/Conv1D layer of {type(model).__name__}; "
                              f"targets are module-name suffixes such as 'mlp.fc1'. Linear layers: {names}"
                              f"{', ...' if len(linears) > 12 else ''}")
+    chosen = [(name, old) for name, old in linears if any(_matches(name, pattern) for pattern in targets)]
     replaced = []
-    for name, old in linears:
-        if not any(_matches(name, pattern) for pattern in targets):
-            continue
+    for i, (name, old) in enumerate(chosen, start=1):
         weight, bias = _dense_weight(old)
+        start = time.monotonic()
         new = from_dense(kind, weight, bias, budget, **options).to(device=weight.device, dtype=weight.dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         replaced.append((name, new))
+        log.info(f"converted {i}/{len(chosen)} {name} ({weight.shape[0]}x{weight.shape[1]}) to {kind} "
+                 f"in {time.monotonic() - start:.2f} s")
     return replaced
 
 

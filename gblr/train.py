@@ -8,8 +8,9 @@ writes a checkpoint atomically. It knows nothing of any weight type.
 import math
 import random
 import signal
-import sys
 import threading
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from gblr import distributed
 from gblr.files import load_safely, save_checkpoint
+from gblr.progress import interactive
 from gblr.structure_optim import build_optimizer
 
 
@@ -125,7 +127,7 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
     """Train ``model`` in place; return {"history": [per-epoch metrics], "completed": bool, "preempted": bool}.
 
     settings: epochs, batch_size, grad_accum, lr, min_lr, warmup_epochs, schedule, clip_grad, amp,
-    num_workers, stop_after, max_bad_steps (configs/config.yaml: train).
+    num_workers, stop_after, max_bad_steps, log_every (configs/config.yaml: train).
     groups: AdamW parameter groups (``param_groups`` plus any owner's own; a group with
     ``shared_norm`` is stepped by ``gblr.structure_optim.SharedNormAdamW``); each group's lr follows
     the schedule as a factor of the lr it starts with.
@@ -138,7 +140,13 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
     training continues at the step where it stopped, with the same data order and random state.
     A non-finite loss skips the step up to ``max_bad_steps`` times (e.g. fp16 overflow), then
     raises FloatingPointError naming the step; the checkpoint of the last good epoch stays.
-    log(line) gets one line per epoch; report(metrics), when given, the epoch's metrics dict.
+    With gradient accumulation under DDP, the micro-steps before a step's last run in
+    ``no_sync()``: one gradient all-reduce per optimizer step, in the last backward pass.
+    log(line) gets one line per epoch and, when stderr is not a terminal (a Slurm log), one every
+    ``log_every`` optimizer steps. report(metrics, step), when given, gets {"train/loss" (this
+    rank's mean over the last ``log_every`` steps), "train/lr", "train/epoch"} every ``log_every``
+    steps and, per epoch, the epoch's metrics with the evaluation's under "val/" and the train loss
+    as "train/epoch_loss"; step counts optimizer steps from the start of training.
     stamp: saved in the checkpoint as "identity" (what the run is; the caller checks it before resuming).
     """
     g = settings.get
@@ -148,6 +156,9 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
         raise ValueError(f"train.batch_size {batch_size} (the global batch) must be a multiple of "
                          f"train.grad_accum {accum} x {world} processes")
     per_rank, micro_batch = batch_size // world, batch_size // (world * accum)
+    log_every = g("log_every", 50)
+    if not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"train.log_every must be a positive number of optimizer steps, got {log_every!r}")
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
     for group in groups:
         group["base_lr"] = group["lr"]
@@ -180,11 +191,11 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
                                          "position": position, "identity": stamp})
         distributed.barrier()
 
-    def anywhere(flag: bool) -> bool:
-        """Whether any rank raised the flag: all ranks take the same branch."""
-        return distributed.all_sum(float(flag))[0] > 0 if world > 1 else flag
+    def anywhere(*flags: bool) -> list[bool]:
+        """Whether any rank raised each flag (one all-reduce for all): all ranks take the same branch."""
+        return [total > 0 for total in distributed.all_sum(*map(float, flags))] if world > 1 else list(flags)
 
-    bad_steps = 0
+    bad_steps, bad_loss = 0, None  # bad_loss: this rank's first non-finite loss in the current step
     with StopRequest() as stop:
         for epoch in range(start_epoch, epochs):
             # The epoch's data order and random state depend on (seed, epoch) alone, so a resumed run
@@ -199,30 +210,46 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
             # Global batch s is order[s B:(s + 1) B]; rank r takes its r-th slice of every one.
             batches = order[: steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)
             mine = batches[first_step:, rank * per_rank:(rank + 1) * per_rank].flatten().tolist()
+            # Pinned host memory lets the tasks' .to(device, non_blocking=True) copies overlap compute.
             loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=mine,
-                                                 num_workers=g("num_workers", 0))
+                                                 num_workers=g("num_workers", 0), pin_memory=device.type == "cuda")
             call(hooks, "start_epoch", epoch, epochs)
             model.train()
             bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", initial=first_step * accum,
-                       total=steps_per_epoch * accum, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+                       total=steps_per_epoch * accum, leave=False, disable=not interactive(), dynamic_ncols=True)
+            window_loss, window_count, window_start = 0.0, 0, time.monotonic()
             for i, batch in enumerate(bar, start=first_step * accum):
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = loss_fn(net, batch)
-                step_in_epoch = i // accum
-                if anywhere(not torch.isfinite(loss)):
+                step_in_epoch, last = i // accum, (i + 1) % accum == 0
+                # DDP all-reduces gradients in the backward pass of a step's last micro-step only; the
+                # others accumulate locally (the averaged sum is the same, the traffic 1/grad_accum).
+                with nullcontext() if last or world == 1 else net.no_sync():
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss = loss_fn(net, batch)
+                    if bad_loss is None and not torch.isfinite(loss):
+                        bad_loss = loss.item()
+                    # Ranks agree once per step, before the backward pass that all-reduces: on whether
+                    # any saw a non-finite loss (then all skip the step) or a stop request.
+                    skip, stopping = anywhere(bad_loss is not None, stop.signum is not None) if last \
+                        else (bad_loss is not None, False)
+                    if not skip:
+                        scaler.scale(loss / accum).backward()
+                        value = loss.item()
+                        loss_sum, micro_steps = loss_sum + value, micro_steps + 1
+                        window_loss, window_count = window_loss + value, window_count + 1
+                if not last:
+                    continue
+                if skip:
                     bad_steps += 1
                     if bad_steps > g("max_bad_steps", 0):
                         kept = f"the last good checkpoint, {checkpoint} (epoch {len(history)}), is kept" \
                             if checkpoint is not None and checkpoint.exists() else "no checkpoint was written yet"
                         raise FloatingPointError(
-                            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step_in_epoch + 1} of "
-                            f"{steps_per_epoch}; {kept}; lower train.lr or set train.max_bad_steps to skip such steps")
+                            f"non-finite loss ({'another rank' if bad_loss is None else bad_loss}) at epoch "
+                            f"{epoch + 1}, step {step_in_epoch + 1} of {steps_per_epoch}; {kept}; lower train.lr "
+                            f"or set train.max_bad_steps to skip such steps")
                     log(f"skipping step {step_in_epoch + 1} of epoch {epoch + 1}: non-finite loss ({bad_steps} so far)")
                     optimizer.zero_grad(set_to_none=True)
-                    continue
-                scaler.scale(loss / accum).backward()
-                loss_sum, micro_steps = loss_sum + loss.item(), micro_steps + 1
-                if (i + 1) % accum:
+                    bad_loss = None
                     continue
                 factor = lr_factor(epoch * steps_per_epoch + step_in_epoch, total, warmup, floor, schedule)
                 for group in optimizer.param_groups:
@@ -234,8 +261,20 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 call(hooks, "after_step", factor)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                if anywhere(stop.signum is not None) and step_in_epoch + 1 < steps_per_epoch:
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+                step = epoch * steps_per_epoch + step_in_epoch + 1
+                if step % log_every == 0:
+                    window = {"train/loss": window_loss / window_count if window_count else math.nan,
+                              "train/lr": optimizer.param_groups[0]["lr"],
+                              "train/epoch": epoch + (step_in_epoch + 1) / steps_per_epoch}
+                    if report is not None:
+                        report(window, step)
+                    if not interactive():  # a bar shows this on a terminal; a log file gets a line
+                        rate = log_every / max(1e-9, time.monotonic() - window_start)
+                        log(f"{desc} epoch {epoch + 1}/{epochs}, step {step_in_epoch + 1}/{steps_per_epoch}: "
+                            f"loss={window['train/loss']:.4g}, lr={window['train/lr']:.3g}, {rate:.3g} steps/s")
+                    window_loss, window_count, window_start = 0.0, 0, time.monotonic()
+                if stopping and step_in_epoch + 1 < steps_per_epoch:
                     bar.close()
                     save(epoch, {"step": step_in_epoch + 1, "loss_sum": loss_sum, "micro_steps": micro_steps,
                                  "rng": rng_state()})
@@ -245,16 +284,18 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
                     return {"history": history, "completed": False, "preempted": True}
             bar.close()
             loss_total, loss_count = distributed.all_sum(loss_sum, micro_steps)
-            metrics = {"epoch": epoch + 1, "train_loss": loss_total / max(1, loss_count), **evaluate(model)}
+            evaluation = evaluate(model)
+            metrics = {"epoch": epoch + 1, "train_loss": loss_total / max(1, loss_count), **evaluation}
             for extra in call(hooks, "epoch_metrics"):
                 metrics.update(extra)
             history.append(metrics)
             if report is not None:
-                report(metrics)
+                names = {"train_loss": "train/epoch_loss", **{k: f"val/{k}" for k in evaluation}}
+                report({names.get(k, k): v for k, v in metrics.items()}, (epoch + 1) * steps_per_epoch)
             log(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"))
             save(epoch + 1)
-            if anywhere(stop.signum is not None) and epoch + 1 < epochs:
+            if anywhere(stop.signum is not None)[0] and epoch + 1 < epochs:
                 log(f"{signal_name(stop.signum)}: stopped after epoch {epoch + 1}; "
                     + (f"checkpoint written, resume=true continues from {checkpoint}" if checkpoint is not None
                        else "nothing was saved: a rerun starts this training again"))

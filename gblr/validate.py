@@ -50,7 +50,7 @@ RULES = {
     "seed": integer(0), "dry_run": boolean(), "resume": boolean(), "fresh": boolean(),
     **{f"train.{k}": rule for k, rule in LOOP.items() if k != "seed"},
     "train.structure_lr": optional(number(0, True)), "train.eval_batch_size": integer(1),
-    "train.stop_after": optional(integer(1)), "train.max_bad_steps": integer(0),
+    "train.stop_after": optional(integer(1)), "train.max_bad_steps": integer(0), "train.log_every": integer(1),
     **{f"start.{k}": rule for k, rule in LOOP.items()},
     "data.block_size": integer(1), "data.img_size": integer(1), "data.vocab_size": integer(2),
 }

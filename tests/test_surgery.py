@@ -1,5 +1,6 @@
 """gblr.surgery: qkv split, layer replacement in timm ViT and HF GPT-2, target errors."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -109,3 +110,14 @@ def test_default_targets():
     assert default_targets(tiny_gpt2()) == GPT2_TARGETS
     with pytest.raises(ValueError, match="Sequential"):
         default_targets(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_conversion_logs_one_line_per_layer_in_model_order(caplog):
+    model = tiny_gpt2()
+    with caplog.at_level(logging.INFO, logger="gblr"):
+        replaced = replace_layers(model, None, "lowrank", 0.3)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("converted ")]
+    assert len(lines) == len(replaced) == 3 * 2  # c_attn, c_fc, c_proj in each of 2 blocks
+    for i, (line, (name, layer)) in enumerate(zip(lines, replaced), start=1):
+        assert line.startswith(f"converted {i}/{len(replaced)} {name} ({layer.out_features}x{layer.in_features}) "
+                               f"to lowrank in ")

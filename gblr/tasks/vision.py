@@ -3,6 +3,7 @@ import torch
 from torch.nn import functional as F
 
 from gblr import distributed
+from gblr.progress import progress
 from gblr.tasks.base import Task
 
 
@@ -61,11 +62,12 @@ class ImageClassification(Task):
         shard = torch.utils.data.Subset(self.val_set, range(distributed.rank(), len(self.val_set),
                                                             distributed.world_size()))
         t = self.cfg.train
-        loader = torch.utils.data.DataLoader(shard, batch_size=t.eval_batch_size, num_workers=t.num_workers)
+        loader = torch.utils.data.DataLoader(shard, batch_size=t.eval_batch_size, num_workers=t.num_workers,
+                                             pin_memory=self.device.type == "cuda")
         correct1 = correct5 = count = 0
         nll = 0.0
-        for x, y in loader:
-            logits = model(x.to(self.device)).float()
+        for x, y in progress(loader, "evaluate"):
+            logits = model(x.to(self.device, non_blocking=True)).float()
             nll += float(F.cross_entropy(logits, y.to(logits.device), reduction="sum"))
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
             correct1 += int((top[:, 0] == y).sum())
