@@ -240,10 +240,26 @@ class GBLRInference(StructuredLinear):
         return self.form(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
 
     def forward(self, x):
-        """y = W x + b, the bias folded into the form's first write of y (one pass less over y)."""
+        """y = W x + b, the bias folded into the form's first write of y (one pass less over y).
+        The forms write into preallocated tensors, which autograd cannot follow; when a gradient is
+        wanted (into x or the bias) ``FrozenApply`` supplies it: the factors stay frozen."""
         lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return self.form(x.reshape(-1, self.in_features), bias).reshape(*lead, self.out_features)
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            y = FrozenApply.apply(x2, bias, self)
+        else:
+            y = self.form(x2, bias)
+        return y.reshape(*lead, self.out_features)
+
+    @torch.no_grad()
+    def weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
+        """The (out, in) matrix its form applies, formed by applying it to the identity (cached)."""
+        cached = getattr(self, "_weight", None)
+        if cached is None or cached.dtype != dtype or (device is not None and cached.device != torch.device(device)):
+            eye = torch.eye(self.in_features, device=device, dtype=dtype)
+            self._weight = self.form(eye).T.contiguous()
+        return self._weight
 
     def macs_per_token(self) -> int:
         """MACs of the GBLR structure it applies, as counted by the trained layer."""
@@ -256,6 +272,21 @@ class GBLRInference(StructuredLinear):
     def extra_repr(self) -> str:
         options = "".join(f", {key}={value}" for key, value in self.options.items())
         return f"{super().extra_repr()}, mode={self.mode}{options}, executed_macs={self.executed_macs_per_token()}"
+
+
+class FrozenApply(torch.autograd.Function):
+    """y = form(x) + b with the gradients into x (g W) and the bias (sum of g); W stays frozen."""
+
+    @staticmethod
+    def forward(ctx, x, bias, module):
+        ctx.module, ctx.has_bias = module, bias is not None
+        return module.form(x, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        dx = g @ ctx.module.weight(g.dtype, g.device) if ctx.needs_input_grad[0] else None
+        dbias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return dx, dbias, None
 
 
 @torch.no_grad()
