@@ -6,8 +6,9 @@ U (K, out, r), V (K, r, in); each component's rows and columns are a cyclic inte
 given by a Gaudi mask of a normalized width and location. ``widths`` and ``locations`` are (2, K)
 parameters (row 0: output axis, row 1: input axis) so an optimizer can give them their own group.
 A component of hard widths a (out) and b (in) costs min(r (a + b), a b) MACs per token, 0 if either
-is 0. Training applies the masked factors (``apply_weight``); ``to_inference`` turns a trained layer
-into one that touches only the active intervals.
+is 0. Training runs ``GBLRFunction`` (masks recomputed in backward, their gradient in closed form;
+``apply_weight_reference`` is the plain autograd path it equals); ``to_inference`` turns a trained
+layer into one that touches only the active intervals.
 """
 
 import torch
