@@ -156,6 +156,17 @@ def test_training_function_keeps_no_masks_or_masked_factors_for_backward():
         assert saved_bytes(layer.apply_weight_reference, x) > 3 * weight_bytes
 
 
+def test_inference_forms_follow_autocast():
+    layer = LAYOUTS[2][1]
+    x = torch.randn(30, 40)
+    expected = x @ layer.to_dense().T + layer.bias.detach()
+    for mode, options in FORMS:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = to_inference(layer, mode=mode, **options)(x)
+        assert y.dtype == torch.bfloat16, (mode, options)
+        assert torch.allclose(y.float(), expected, atol=0.02 * float(expected.abs().max())), (mode, options)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fast_paths_in_bf16_on_cuda():
     layer = LAYOUTS[2][1].cuda()

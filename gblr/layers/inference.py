@@ -244,6 +244,8 @@ class GBLRInference(StructuredLinear):
         The forms write into preallocated tensors, which autograd cannot follow; when a gradient is
         wanted (into x or the bias) ``FrozenApply`` supplies it: the factors stay frozen."""
         lead = x.shape[:-1]
+        if torch.is_autocast_enabled(x.device.type):  # out= and in-place GEMMs are not autocast
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         x2 = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
