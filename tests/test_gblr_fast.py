@@ -67,7 +67,8 @@ def test_every_inference_form_applies_to_dense_forward_and_backward(name, layer)
 def test_auto_keeps_the_fastest_candidate_and_its_timings():
     layer = LAYOUTS[1][1]
     fast = to_inference(layer, mode="auto", tokens=64, repeats=1)
-    assert fast.timings[min(fast.timings, key=fast.timings.get)] == min(fast.timings.values())
+    chosen = [name for name in fast.timings if name.split(",")[0] == fast.mode]
+    assert chosen and (fast.mode == "dense" or min(fast.timings[n] for n in chosen) <= 0.9 * fast.timings["dense"])
     assert "dense" in fast.timings and any(name.startswith("blocks") for name in fast.timings)
     assert torch.allclose(fast.weight(), layer.to_dense(), atol=1e-5 * float(layer.to_dense().abs().max()))
 
