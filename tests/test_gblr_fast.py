@@ -109,26 +109,30 @@ def test_training_function_has_the_reference_paths_gradients(sigma, tokens):
 
 
 def test_training_function_gradcheck_in_float64():
-    layer = LAYOUTS[2][1]
+    layer = build("gblr", 10, 12, 0.5, K=5, rank=2, seed=4)  # 12 x 10: widths in elements of 12 and 10
+    with torch.no_grad():  # dead, placeholder, wrapping and full components
+        layer.widths.copy_(torch.tensor([[0.0, 0.0, 0.5, 1.0, 0.25], [0.0, 0.3, 0.4, 1.0, 0.6]]))
+        layer.locations.copy_(torch.tensor([[0.1, 0.2, 0.9, 0.0, 0.5], [0.3, 0.8, 0.7, 0.0, 0.1]]))
     U, V = layer.U.detach().double().requires_grad_(), layer.V.detach().double().requires_grad_()
     widths, locations = layer.widths.detach().double(), layer.locations.detach().double()
-    x = torch.randn(5, 40, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 10, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, U, V: GBLRFunction.apply(x, U, V, widths, locations, None, torch.float64), (x, U, V))
     # widths and locations: the straight-through derivative of the closed form at the rounded point,
     # written out in float64 (the rounding has no derivative for gradcheck to find)
     widths.requires_grad_(), locations.requires_grad_()
     GBLRFunction.apply(x, U, V, widths, locations, None, torch.float64).sum().backward()
-    w_hard = (torch.stack([hard_widths(widths[0], 48), hard_widths(widths[1], 40)]).double()
-              / torch.tensor([[48.0], [40.0]])).requires_grad_()
-    l_hard = (torch.stack([hard_locations(locations[0], 48), hard_locations(locations[1], 40)]).double()
-              / torch.tensor([[48.0], [40.0]])).requires_grad_()
+    w_hard = (torch.stack([hard_widths(widths[0], 12), hard_widths(widths[1], 10)]).double()
+              / torch.tensor([[12.0], [10.0]])).requires_grad_()
+    l_hard = (torch.stack([hard_locations(locations[0], 12), hard_locations(locations[1], 10)]).double()
+              / torch.tensor([[12.0], [10.0]])).requires_grad_()
     masks = []
-    for axis, n in ((0, 48), (1, 40)):
+    for axis, n in ((0, 12), (1, 10)):
         soft = dirichlet_mask(w_hard[axis], l_hard[axis], n)
         masks.append(boxcar(w_hard[axis].detach(), l_hard[axis].detach(), n).double() + soft - soft.detach())
     W = torch.einsum("kor,kri->oi", U.detach() * masks[0][:, :, None], V.detach() * masks[1][:, None, :])
     (x.detach() @ W.T).sum().backward()
+    assert (widths.grad[:, 2:] != 0).all() and widths.grad[0, 1] != 0  # active components and the placeholder
     assert torch.allclose(widths.grad, w_hard.grad, rtol=1e-9, atol=1e-9)
     assert torch.allclose(locations.grad, l_hard.grad, rtol=1e-9, atol=1e-9)
 
