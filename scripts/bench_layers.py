@@ -10,8 +10,12 @@ process, a layer on a (tokens, in) input:
     dense                 the reference every ratio is taken against
     lowrank, monarch      from_dense at the budget
     gblr-init             from_dense(init="lowrank"), the budget's top singular components at full width
-    gblr-random           build(...), then uniform random widths and locations, project_widths to the budget
-GBLR is timed in training form (the GBLRLinear: forward, forward+backward) and in inference form
+                          (GBLR "as initialized")
+    gblr-random           build("gblr", ...): every component at the same width, random locations
+    gblr-scattered        build(...), then uniform random widths and locations projected to the budget
+                          (project_widths): a layout of mixed widths (--scattered)
+GBLR is timed in training form (the GBLRLinear: forward, forward+backward; with --reference also on
+the plain autograd path that keeps the masked factors, "train-ref") and in inference form
 (to_inference(mode="auto"), forward only; the mode auto picked and the MACs its GEMMs execute are
 recorded; auto chooses on min(tokens, 4096) tokens). "fwd" runs under torch.no_grad; "fwd+bwd" is
 one training step of the layer: forward, then backward into the input and every parameter.
@@ -21,8 +25,14 @@ Beyond 4096 tokens the repeats shrink in proportion (default 5: 5 at 197 and 409
 25216). fp32 on CPU, bf16 autocast on CUDA. --threads 1 avoids thread oversubscription when the
 cores are shared with other work.
 
-Prints a table and the CPU targets at 4096 tokens (reported, never enforced): low-rank and Monarch
-forward time ratio / MAC ratio <= 1.3, GBLR inference <= 1.5, GBLR training step <= 1.5x dense.
+--clock cpu times with the calling thread's CPU clock (time.thread_time) instead of the wall clock:
+with --threads 1 all the work runs on that thread, and time other processes take from a shared core
+is not counted (page faults and cache misses still are).
+
+Prints the full table, then the summary table (rows shape@budget; columns low-rank, Monarch, GBLR
+random layout, GBLR as initialized; value = forward time relative to dense / MAC ratio, 1.0 = as fast
+as the MACs promise), and the CPU targets at 4096 tokens (reported, never enforced): low-rank and
+Monarch <= 1.3, GBLR inference <= 1.5, GBLR training step <= 1.2x dense.
 Writes JSON (default results/bench_layers_<device>.json) atomically.
 """
 import argparse
@@ -41,8 +51,8 @@ from gblr.budget import project_widths
 from gblr.layers import build, from_dense, to_inference
 
 FULL = dict(shapes="768x768,768x3072,3072x768", tokens="197,4096,25216", budgets="0.25,0.5", repeats=5)
-QUICK = dict(shapes="768x768", tokens="197,4096", budgets="0.25", repeats=2)
-TARGETS = {"lowrank": 1.3, "monarch": 1.3, "infer": 1.5, "train": 1.5}
+QUICK = dict(shapes="768x768", tokens="197,1024", budgets="0.25", repeats=2)
+TARGETS = {"lowrank": 1.3, "monarch": 1.3, "infer": 1.5, "train": 1.2}
 
 
 def dense_weight(out_features: int, in_features: int) -> torch.Tensor:
@@ -52,7 +62,7 @@ def dense_weight(out_features: int, in_features: int) -> torch.Tensor:
     return (torch.randn(out_features, n) * s) @ torch.randn(n, in_features) / (n * in_features) ** 0.5
 
 
-def gblr_random(in_features: int, out_features: int, budget: float, seed: int):
+def gblr_scattered(in_features: int, out_features: int, budget: float, seed: int):
     layer = build("gblr", in_features, out_features, budget, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -62,7 +72,7 @@ def gblr_random(in_features: int, out_features: int, budget: float, seed: int):
     return layer
 
 
-def make_layers(out_features, in_features, budgets, kinds, device):
+def make_layers(out_features, in_features, budgets, kinds, device, scattered=False):
     """{(variant, budget): layer} for one shape; the dense weight and the layers are reused for every token count."""
     weight, bias = dense_weight(out_features, in_features), torch.randn(out_features) * 0.01
     layers = {("dense", 1.0): from_dense("dense", weight, bias)}
@@ -72,11 +82,13 @@ def make_layers(out_features, in_features, budgets, kinds, device):
                 layers[(kind, budget)] = from_dense(kind, weight, bias, budget)
         if "gblr" in kinds:
             layers[("gblr-init", budget)] = from_dense("gblr", weight, bias, budget, init="lowrank")
-            layers[("gblr-random", budget)] = gblr_random(in_features, out_features, budget, seed=len(layers))
+            layers[("gblr-random", budget)] = build("gblr", in_features, out_features, budget, seed=len(layers))
+            if scattered:
+                layers[("gblr-scattered", budget)] = gblr_scattered(in_features, out_features, budget, seed=len(layers))
     return {key: layer.to(device) for key, layer in layers.items()}
 
 
-def interleaved_times(jobs: dict, repeats: int, cuda: bool, statistic=statistics.median) -> dict:
+def interleaved_times(jobs: dict, repeats: int, cuda: bool, statistic=statistics.median, clock=time.perf_counter) -> dict:
     """{name: median (or ``statistic``) seconds} of ``repeats`` calls of every job after one warm-up call each.
 
     The jobs take turns (round-robin) so that load from other processes, which drifts over
@@ -95,15 +107,15 @@ def interleaved_times(jobs: dict, repeats: int, cuda: bool, statistic=statistics
                 continue
             if cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             fn()
             if cuda:
                 torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {name: errors.get(name) or statistic(times) for name, times in samples.items()}
 
 
-def timed_calls(module, x, grad, amp, backward: bool) -> dict:
+def timed_calls(module, x, grad, amp, backward: bool, reference: bool = False) -> dict:
     """{"fwd": forward under no_grad, "fwdbwd": one training step into x and every parameter}."""
     def forward():
         with torch.no_grad(), amp():
@@ -116,6 +128,16 @@ def timed_calls(module, x, grad, amp, backward: bool) -> dict:
             y = module(x)
         y.backward(grad.to(y.dtype))
 
+    def reference_step():  # GBLR on the plain autograd path
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        with amp():
+            y = module.apply_weight_reference(x)
+            y = y if module.bias is None else y + module.bias
+        y.backward(grad.to(y.dtype))
+
+    if reference:
+        return {"fwdbwd": reference_step}
     return {"fwd": forward, "fwdbwd": step} if backward else {"fwd": forward}
 
 
@@ -130,7 +152,7 @@ def run(args) -> dict:
         out_features, in_features = map(int, shape.split("x"))
         torch.manual_seed(args.seed)
         start = time.perf_counter()
-        layers = make_layers(out_features, in_features, budgets, kinds, device)
+        layers = make_layers(out_features, in_features, budgets, kinds, device, args.scattered)
         print(f"[{shape}] built {len(layers)} layers in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         for tokens in [int(t) for t in args.tokens.split(",")]:
             repeats = max(1, round(args.repeats * min(1.0, 4096 / tokens)))
@@ -139,6 +161,8 @@ def run(args) -> dict:
             block, jobs = [], {}
             for (variant, budget), layer in layers.items():
                 forms = [("train", layer)]
+                if variant.startswith("gblr") and args.reference:
+                    forms.append(("train-ref", layer))
                 if variant.startswith("gblr"):
                     try:
                         with amp():  # auto picks on this device and dtype, at most 4096 tokens
@@ -154,12 +178,14 @@ def run(args) -> dict:
                         row.update(variant=f"{name}({module.mode})", mode=module.mode,
                                    executed_ratio=module.executed_macs_per_token() / module.dense_macs_per_token(),
                                    auto_timings_ms={k: 1e3 * v for k, v in module.timings.items()})
-                    for what, fn in timed_calls(module, x, grad, amp, backward=form == "train").items():
+                    calls = timed_calls(module, x, grad, amp, backward=form != "infer", reference=form == "train-ref")
+                    for what, fn in calls.items():
                         jobs[(len(block), what)] = fn
                     block.append(row)
             print(f"  {shape} T={tokens}: timing {len(jobs)} calls x {repeats} repeats", file=sys.stderr, end="")
             start, statistic = time.perf_counter(), min if args.stat == "min" else statistics.median
-            for (index, what), value in interleaved_times(jobs, repeats, cuda, statistic).items():
+            clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+            for (index, what), value in interleaved_times(jobs, repeats, cuda, statistic, clock).items():
                 if isinstance(value, str):
                     block[index]["error"] = value
                 else:
@@ -173,7 +199,7 @@ def run(args) -> dict:
                 if "fwdbwd_ms" in row:
                     row["fwdbwd_ratio"] = row["fwdbwd_ms"] / dense["fwdbwd_ms"]
             rows += block
-    return dict(meta=meta(args, device), rows=rows, targets=targets(rows, device))
+    return dict(meta=meta(args, device), rows=rows, targets=targets(rows, device), summary=summary(rows))
 
 
 def targets(rows: list[dict], device) -> list[dict]:
@@ -186,6 +212,8 @@ def targets(rows: list[dict], device) -> list[dict]:
             what, value, limit = "fwd ratio / MAC ratio", row["fwd_over_mac"], TARGETS[row["kind"]]
         elif row["form"] == "infer":
             what, value, limit = "fwd ratio / MAC ratio", row["fwd_over_mac"], TARGETS["infer"]
+        elif row["form"] == "train-ref":
+            continue
         else:
             what, value, limit = "fwd+bwd / dense", row["fwdbwd_ratio"], TARGETS["train"]
         checks.append(dict(shape=row["shape"], variant=row["variant"], budget=row["budget"], device=device.type,
@@ -224,12 +252,49 @@ def print_table(result: dict) -> None:
             note = f"executes {r['executed_ratio']:.3f} of dense MACs {note}"
         cells = [fmt(r.get(key), spec).rjust(width) for key, spec, width in COLUMNS]
         print(f"{r['shape']:>9} {r['tokens']:>6} {r['variant']:<26} {r['budget']:>6.2f} {' '.join(cells)}  {note}")
+    print_summary(result["rows"])
     if result["targets"]:
         print(f"\n# targets at 4096 tokens (defined on CPU; this run: {result['meta']['device']})")
         for t in result["targets"]:
             print(f"{'PASS' if t['passed'] else 'FAIL'} {t['shape']:>9} {t['variant']:<26} b={t['budget']:.2f} "
                   f"{t['metric']} = {t['value']:.2f} (<= {t['limit']})")
         print(f"{sum(t['passed'] for t in result['targets'])}/{len(result['targets'])} targets hold")
+
+
+SUMMARY = [("low-rank", "lowrank", "train"), ("Monarch", "monarch", "train"),
+           ("GBLR, random layout", "gblr-random", "infer"), ("GBLR, as initialized", "gblr-init", "infer")]
+
+
+def summary(rows: list[dict]) -> dict:
+    """{tokens: {"shape@budget": {column: forward time relative to dense / MAC ratio}}}, plus the
+    GBLR training step relative to dense ("train <variant>") where it was timed."""
+    table = {}
+    for r in rows:
+        if "fwd_over_mac" not in r and "fwdbwd_ratio" not in r:
+            continue
+        cells = table.setdefault(r["tokens"], {}).setdefault(f"{r['shape']}@{r['budget']:g}", {})
+        for column, kind, form in SUMMARY:
+            if r["kind"] == kind and r["form"] == form and "fwd_over_mac" in r:
+                cells[column] = r["fwd_over_mac"]
+        if r["kind"].startswith("gblr") and r["form"].startswith("train") and "fwdbwd_ratio" in r:
+            cells[f"{r['form']} {r['kind'][5:]}"] = r["fwdbwd_ratio"]
+    return table
+
+
+def print_summary(rows: list[dict]) -> None:
+    """The issue-style table: forward time relative to dense / MAC ratio (1.0 = as fast as the MACs)."""
+    for tokens, table in summary(rows).items():
+        extra = sorted({c for cells in table.values() for c in cells} - {c for c, _, _ in SUMMARY})
+        columns = [c for c, _, _ in SUMMARY] + extra
+        print(f"\n# {tokens} tokens: forward time relative to dense / MAC ratio (GBLR inference via "
+              f"to_inference(mode='auto')); train*: GBLR fwd+bwd time / dense fwd+bwd")
+        print("| shape (out×in) @ budget | " + " | ".join(columns) + " |")
+        print("|---" * (len(columns) + 1) + "|")
+        for key, cells in table.items():
+            if key.endswith("@1"):
+                continue
+            shape, budget = key.split("@")
+            print(f"| {shape.replace('x', '×')} @ {budget} | " + " | ".join(fmt(cells.get(c), ".2f") for c in columns) + " |")
 
 
 def main(argv=None) -> dict:
@@ -246,6 +311,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--stat", choices=("median", "min"), default="median",
                         help="per-call statistic; min is steadier on a machine shared with other work")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the thread's CPU time (steadier on shared cores with --threads 1)")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time GBLR's training step on the plain autograd path (train-ref)")
+    parser.add_argument("--scattered", action="store_true",
+                        help="also a GBLR layout of mixed random widths projected to the budget")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():

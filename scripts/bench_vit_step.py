@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gblr.config import ROOT
-from gblr.layers import StructuredLinear, build
+from gblr.layers import GBLRLinear, StructuredLinear, build
 from gblr.models import build_vit
 from gblr.files import versions, write_json
 from gblr.surgery import VIT_TARGETS, split_qkv
@@ -55,7 +55,12 @@ def machine() -> dict:
 
 
 def structured_vit(kind: str, budget: float) -> tuple[nn.Module, int]:
-    """ViT-B with the paper's targets as random-init ``kind`` layers (dense: timm's model as is)."""
+    """ViT-B with the paper's targets as random-init ``kind`` layers (dense: timm's model as is).
+    ``gblr-reference``: GBLR layers on the plain autograd path (masked factors and mask spectra kept
+    for backward), the baseline of ``GBLRFunction``."""
+    if kind == "gblr-reference":
+        GBLRLinear.apply_weight = GBLRLinear.apply_weight_reference  # this process only (--one)
+        kind = "gblr"
     model, _ = build_vit("vit_base")
     if kind == "dense":
         return model, 0
@@ -191,7 +196,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step", action="store_true", help="the ViT-B step part (default: both parts)")
     parser.add_argument("--default-run", action="store_true", help="the default-run part (default: both parts)")
-    parser.add_argument("--kinds", default="dense,lowrank,monarch,gblr")
+    parser.add_argument("--kinds", default="dense,lowrank,monarch,gblr",
+                        help="comma-separated; gblr-reference = GBLR on the plain autograd path")
     parser.add_argument("--budget", type=float, default=0.3, help="target MACs / dense MACs of the replaced layers")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up; the median is reported")

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from gblr.layers import boxcar, dirichlet_mask, gaudi_mask
+from gblr.layers import boxcar, dirichlet_mask, gaudi_mask, hard_locations, hard_widths
+from gblr.layers.gaudi import gaudi_mask_vjp
 
 
 def integer_cases(n):
@@ -85,3 +86,26 @@ def test_width_gradient_is_an_impulse_at_the_end_edge():
     peak = int(grads.abs().argmax())
     assert peak in (end - 1, end)
     assert torch.allclose(grads.sum(), torch.tensor(float(n)), rtol=1e-4)  # d(sum of mask)/dw = n
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 64, 97])
+@pytest.mark.parametrize("sigma", [None, 3.0])
+def test_closed_form_vjp_is_the_straight_through_gradient_of_the_mask(n, sigma):
+    generator = torch.Generator().manual_seed(n)
+    w = torch.rand(40, generator=generator)
+    w[:3] = torch.tensor([0.0, 1.0, 1.0 / n])  # pruned, full and one-element intervals
+    l = torch.rand(40, generator=generator) * 3 - 1
+    grad = torch.randn(40, n, generator=generator, dtype=torch.float64)
+    # float64 truth: the closed form's derivative at the rounded point, through autograd
+    w_hard = (hard_widths(w, n).double() / n).requires_grad_()
+    l_hard = (hard_locations(l, n).double() / n).requires_grad_()
+    truth = torch.autograd.grad((dirichlet_mask(w_hard, l_hard, n, sigma) * grad).sum(), [w_hard, l_hard])
+    exact = gaudi_mask_vjp(grad, w.double(), l.double(), n, sigma)
+    for got, want in zip(exact, truth):
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * n * float(grad.abs().max()))
+    # float32: as close to the truth as autograd through gaudi_mask (the training path's reference)
+    ww, ll = w.clone().requires_grad_(), l.clone().requires_grad_()
+    reference = torch.autograd.grad((gaudi_mask(ww, ll, n, sigma) * grad.float()).sum(), [ww, ll])
+    for got, ref, want in zip(gaudi_mask_vjp(grad.float(), w, l, n, sigma), reference, truth):
+        scale = n * float(grad.abs().max())
+        assert float((got.double() - want).abs().max()) <= 2 * float((ref.double() - want).abs().max()) + 1e-6 * scale

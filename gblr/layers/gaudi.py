@@ -26,10 +26,11 @@ def hard_locations(locations: torch.Tensor, n: int) -> torch.Tensor:
 
 def boxcar(widths: torch.Tensor, locations: torch.Tensor, n: int) -> torch.Tensor:
     """(..., n) float32 cyclic boxcars of the rounded widths and locations, by direct indexing."""
-    W = hard_widths(widths, n).unsqueeze(-1)
-    L = hard_locations(locations, n).unsqueeze(-1)
-    t = torch.arange(n, device=W.device)
-    return (torch.remainder(t - L, n) < W).float()
+    W = hard_widths(widths, n).int().unsqueeze(-1)
+    L = hard_locations(locations, n).int().unsqueeze(-1)
+    d = torch.arange(n, device=W.device, dtype=torch.int32) - L  # t - L, in (-n, n)
+    # (t - L) mod n < W without the modulo (half the time): d < W where d >= 0, d + n < W where d < 0
+    return (((d >= 0) & (d < W)) | (d < W - n)).float()
 
 
 def dirichlet_mask(w: torch.Tensor, l: torch.Tensor, n: int, sigma: float | None = None) -> torch.Tensor:
@@ -76,3 +77,39 @@ def gaudi_mask(widths: torch.Tensor, locations: torch.Tensor, n: int, sigma: flo
     if sigma is not None:
         return soft
     return boxcar(w_hard, l_hard, n) + (soft - soft.detach())
+
+
+def gaudi_mask_vjp(grad: torch.Tensor, widths: torch.Tensor, locations: torch.Tensor, n: int,
+                   sigma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d/d widths, d/d locations) of ``(grad * gaudi_mask(widths, locations, n, sigma)).sum()``,
+    in closed form: what autograd returns through ``gaudi_mask``, without its graph (tested).
+
+    grad (..., n); widths, locations (...). The mask is irfft(M), M[k] = A[k] exp(-j phi[k])
+    (``dirichlet_mask``) at the rounded point, so with Q = c rfft(grad) / n (c = 2 on the bins irfft
+    counts twice, 1 on DC and Nyquist) the derivative in a parameter p is sum_k Re(conj(Q) dM/dp).
+    With A = s sin(pi k w) / (pi k), s = n G / sinc(k / n), this sums to the band-limited value of
+    grad at the interval's end edge (width) and at its end minus its start edge (location):
+
+        d/dw = F(pi k (2 l + 2 w - 1/n)),   d/dl = d/dw - F(pi k (2 l - 1/n)),   F(psi) = sum_k Re(s Q e^{j psi})
+    """
+    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    widths, locations = torch.broadcast_tensors(widths.to(dtype), locations.to(dtype))
+    w = (hard_widths(widths, n).to(dtype) / n).unsqueeze(-1)
+    l = (hard_locations(locations, n).to(dtype) / n).unsqueeze(-1)
+    q = torch.fft.rfft(grad.to(dtype), n=n, dim=-1)
+    bins = q.shape[-1]
+    k = torch.arange(bins, device=q.device, dtype=dtype)
+    weight = 2.0 / torch.sinc(k / n)  # s c / n: c / n = 2 / n inside, 1 / n on DC and Nyquist
+    weight[0] = 1.0
+    if n % 2 == 0:
+        weight[-1] = weight[-1] / 2
+    if sigma is not None:
+        weight = weight * torch.exp(-k.square() / (2.0 * sigma**2))
+    q_re, q_im = q.real * weight, q.imag * weight
+
+    def evaluate(position):  # F at psi = pi k (2 position - 1/n), position (..., 1)
+        psi = (math.pi * k) * (2.0 * position - 1.0 / n)
+        return (q_re * torch.cos(psi) - q_im * torch.sin(psi)).sum(-1)
+
+    grad_w = evaluate(l + w)
+    return grad_w, grad_w - evaluate(l)

@@ -6,8 +6,9 @@ U (K, out, r), V (K, r, in); each component's rows and columns are a cyclic inte
 given by a Gaudi mask of a normalized width and location. ``widths`` and ``locations`` are (2, K)
 parameters (row 0: output axis, row 1: input axis) so an optimizer can give them their own group.
 A component of hard widths a (out) and b (in) costs min(r (a + b), a b) MACs per token, 0 if either
-is 0. Training applies the masked factors (``apply_weight``); ``to_inference`` turns a trained layer
-into one that touches only the active intervals.
+is 0. Training runs ``GBLRFunction`` (masks recomputed in backward, their gradient in closed form;
+``apply_weight_reference`` is the plain autograd path it equals); ``to_inference`` turns a trained
+layer into one that touches only the active intervals.
 """
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import StructuredLinear, register, relative_error
-from .gaudi import gaudi_mask, hard_widths
+from .gaudi import boxcar, gaudi_mask, gaudi_mask_vjp, hard_widths
 from .lowrank import lowrank_rank
 
 
@@ -41,6 +42,112 @@ def component_macs(a: torch.Tensor, b: torch.Tensor, rank) -> torch.Tensor:
     """MACs per token of components of hard widths a (output) and b (input): min(r (a + b), a b),
     which is 0 when either width is 0 (docs/method.md, "The cost")."""
     return torch.minimum(rank * (a + b), a * b)
+
+
+def materialize_cheaper(inner: int, in_features: int, out_features: int, tokens: int) -> bool:
+    """Whether forming W (inner in out MACs) and one GEMM beats two thin GEMMs through ``inner``
+    components (tokens inner (in + out)): the paper materializes W; at few tokens it is the costlier."""
+    return inner * in_features * out_features + tokens * in_features * out_features \
+        < tokens * inner * (in_features + out_features)
+
+
+def _mask_values(widths, locations, n, sigma):
+    """The Gaudi masks' forward values (no graph): the boxcar itself when sigma is None."""
+    with torch.no_grad():
+        return boxcar(widths, locations, n) if sigma is None else gaudi_mask(widths, locations, n, sigma)
+
+
+class GBLRFunction(torch.autograd.Function):
+    """y = x W^T for the GBLR W of (U, V, widths, locations), with the gradients of the autograd
+    path ``GBLRLinear.apply_weight_reference`` (tested), in less memory and time.
+
+    Saved for backward: x, the parameters and, when the forward pass formed it, W (out x in, the
+    size of the dense layer's weight); masks (K x n each) and masked factors are recomputed there,
+    and the masks' width and location gradients come in closed form (``gaudi_mask_vjp``) instead
+    of through their complex spectra. Dead components (both widths 0) get exactly zero gradients
+    on the autograd path, so they are skipped; placeholders (one width 0) add nothing to y, so the
+    forward pass skips them, but backward keeps them: their width gradient lets them regrow. Each
+    pass forms W or runs two thin GEMMs, whichever costs fewer MACs at its token count
+    (``materialize_cheaper``). The GEMMs run in ``dtype`` (autocast's, when it is on).
+    """
+
+    @staticmethod
+    def forward(ctx, x, U, V, widths, locations, sigma, dtype):
+        K, n_out, r = U.shape
+        n_in = V.shape[2]
+        a, b = hard_widths(widths[0], n_out), hard_widths(widths[1], n_in)
+        with torch.autocast(x.device.type, enabled=False):
+            Um, Vm, _, _ = _masked(U, V, widths, locations, sigma, dtype, (a > 0) & (b > 0))
+            xc = x.to(dtype)
+            W = None
+            if materialize_cheaper(Vm.shape[0], n_in, n_out, x.shape[0]):
+                W = Um @ Vm
+                y = xc @ W.T
+            else:
+                y = (xc @ Vm.T) @ Um.T
+        ctx.save_for_backward(x, U, V, widths, locations, W)
+        ctx.sigma, ctx.dtype = sigma, dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, U, V, widths, locations, W = ctx.saved_tensors
+        sigma, dtype = ctx.sigma, ctx.dtype
+        K, n_out, r = U.shape
+        n_in = V.shape[2]
+        a, b = hard_widths(widths[0], n_out), hard_widths(widths[1], n_in)
+        live = (a > 0) | (b > 0)  # dead components: every gradient of theirs is 0
+        need_x, need_structure = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        with torch.autocast(x.device.type, enabled=False):
+            Um, Vm, m_out, m_in = _masked(U, V, widths, locations, sigma, dtype, live)
+            index = None if bool(live.all()) else live.nonzero().flatten()
+            g, xc = g.to(dtype), x.to(dtype)
+            if materialize_cheaper(Vm.shape[0], n_in, n_out, x.shape[0]):
+                dW = g.T @ xc  # (out, in)
+                if need_x:
+                    # W as saved covers the active components; live placeholders add nothing to it
+                    dx = g @ (W if W is not None else Um @ Vm)
+                dUm, dVm = dW @ Vm.T, Um.T @ dW  # (out, Kl r), (Kl r, in)
+            else:
+                z, dz = xc @ Vm.T, g @ Um  # (T, Kl r)
+                if need_x:
+                    dx = dz @ Vm
+                dUm, dVm = g.T @ z, dz.T @ xc
+            dUm = dUm.reshape(n_out, -1, r).permute(1, 0, 2)  # (Kl, out, r)
+            dVm = dVm.reshape(-1, r, n_in)  # (Kl, r, in)
+            dU, dV = (dUm * m_out[:, :, None]).to(U.dtype), (dVm * m_in[:, None, :]).to(V.dtype)
+            if index is not None:
+                dU, dV = U.new_zeros(U.shape).index_copy_(0, index, dU), V.new_zeros(V.shape).index_copy_(0, index, dV)
+            dwidths = dlocations = None
+            if need_structure:
+                Ul, Vl = (U, V) if index is None else (U[index], V[index])
+                # d loss / d mask = sum over the rank of (d loss / d masked factor) * factor
+                G_out = (dUm * Ul.to(dtype)).sum(-1)  # (Kl, out)
+                G_in = (dVm * Vl.to(dtype)).sum(1)  # (Kl, in)
+                w, l = (widths, locations) if index is None else (widths[:, index], locations[:, index])
+                gw_out, gl_out = gaudi_mask_vjp(G_out, w[0], l[0], n_out, sigma)
+                gw_in, gl_in = gaudi_mask_vjp(G_in, w[1], l[1], n_in, sigma)
+                dwidths = torch.stack([gw_out, gw_in]).to(widths.dtype)
+                dlocations = torch.stack([gl_out, gl_in]).to(locations.dtype)
+                if index is not None:
+                    dwidths = widths.new_zeros(widths.shape).index_copy_(1, index, dwidths)
+                    dlocations = locations.new_zeros(locations.shape).index_copy_(1, index, dlocations)
+        dx = dx.to(x.dtype) if need_x else None
+        return dx, dU, dV, dwidths, dlocations, None, None
+
+
+def _masked(U, V, widths, locations, sigma, dtype, keep):
+    """(Um (out, Kk r), Vm (Kk r, in), m_out (Kk, out), m_in (Kk, in)) in ``dtype`` over the
+    components where ``keep`` (K,) is true: the masked factors as two GEMM operands."""
+    if not bool(keep.all()):
+        index = keep.nonzero().flatten()
+        U, V, widths, locations = U[index], V[index], widths[:, index], locations[:, index]
+    n_out, n_in = U.shape[1], V.shape[2]
+    m_out = _mask_values(widths[0], locations[0], n_out, sigma).to(dtype)
+    m_in = _mask_values(widths[1], locations[1], n_in, sigma).to(dtype)
+    Um = (U.to(dtype) * m_out[:, :, None]).permute(1, 0, 2).reshape(n_out, -1)
+    Vm = (V.to(dtype) * m_in[:, None, :]).reshape(-1, n_in)
+    return Um, Vm, m_out, m_in
 
 
 @register("gblr")
@@ -69,12 +176,22 @@ class GBLRLinear(StructuredLinear):
         return self.U * m_out.to(self.U.dtype)[:, :, None], self.V * m_in.to(self.V.dtype)[:, None, :]
 
     def apply_weight(self, x):
+        """x (..., in) -> (..., out) through ``gblr_apply``: the masks are recomputed in backward,
+        nothing but x is kept for it."""
+        lead = x.shape[:-1]
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # the function runs its GEMMs in autocast's dtype itself
+            dtype = torch.get_autocast_dtype(x.device.type)
+        y = GBLRFunction.apply(x.reshape(-1, self.in_features), self.U, self.V, self.widths, self.locations,
+                               self.sigma, dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def apply_weight_reference(self, x):
+        """The plain autograd path (masked factors, kept for backward); ``apply_weight`` equals it."""
         U, V = self.masked_factors()
         K, r = self.num_components, self.rank
         tokens = x.numel() // self.in_features
-        # Materialize W (the paper's way) unless the two thin GEMMs are cheaper at this token count.
-        if K * r * self.in_features * self.out_features + tokens * self.in_features * self.out_features \
-                < tokens * K * r * (self.in_features + self.out_features):
+        if materialize_cheaper(K * r, self.in_features, self.out_features, tokens):
             return F.linear(x, torch.einsum("kor,kri->oi", U, V))
         return F.linear(F.linear(x, V.reshape(K * r, self.in_features)), U.permute(1, 0, 2).reshape(self.out_features, K * r))
 
