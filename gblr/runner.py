@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from gblr import distributed
+from gblr import distributed, export
 from gblr.budget import Budget, check_mode
 from gblr.structure_optim import check_structure_optimizer
 from gblr.flops import flop_report, per_layer_report
@@ -49,7 +49,10 @@ def run(cfg, skip_existing: bool = False) -> dict:
     torch.manual_seed(cfg.start.seed)
     model, weights = task.build_model(allow_random_fallback=cfg.dry_run)
     model.to(device)
-    log.info(f"model {cfg.model.name}: {weights}")
+    if weights.startswith("random init ("):  # a dry run whose named weights are missing: say it loudly
+        log.warning(f"warning: dry run with RANDOM weights, {weights}. The FLOP report does not depend on them.")
+    else:
+        log.info(f"model {cfg.model.name}: {weights}")
 
     metrics, history = {}, []
     if not cfg.dry_run:
@@ -80,6 +83,8 @@ def run(cfg, skip_existing: bool = False) -> dict:
         "versions": versions(), "config": plain(cfg), "completed": True,
     }
     if distributed.is_main():
+        if not cfg.dry_run:  # the reported model, reusable: gblr.export.load(run_dir)
+            result["export"] = export.save(run_dir, model, result, task.info)
         write_json(run_dir / "results.json", result)
         log.info(f"results: {run_dir / 'results.json'}")
         print(summary_table(result), flush=True)
