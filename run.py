@@ -7,13 +7,18 @@ import os
 import sys
 import traceback
 
+if __name__ == "__main__":  # our help page, before anything heavy is imported (torch takes seconds)
+    from gblr.cli_help import page, wants_help
+
+    if wants_help(sys.argv[1:]):
+        print(page())
+        sys.exit(0)
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from gblr import distributed
 from gblr.config import CONFIG_DIR
-from gblr.runner import run
 
 # Exit codes by kind of failure: 2 = bad input (nothing written), 3 = a diverged run (the last
 # good checkpoint stays). Anything else is a bug: its traceback is shown.
@@ -22,6 +27,10 @@ EXIT_CODES = {ValueError: 2, FileNotFoundError: 2, FloatingPointError: 3}
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg):
+    # Imported here, not at the top: Hydra's --cfg, --info and shell completion never need torch.
+    from gblr import distributed
+    from gblr.runner import run
+
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = run(cfg, skip_existing=multirun)
