@@ -67,9 +67,9 @@ def _read_state_dict(path: str) -> dict:
         raise ValueError(f"could not read pretrained weights from {path!r}: {type(error).__name__}: {error}") from error
 
 
-def _check_fit(model: torch.nn.Module, state: dict, path: str, skip=(), shapes: bool = True) -> None:
+def _check_fit(model: torch.nn.Module, state: dict, path: str, skip=(), check_shapes: bool = True) -> None:
     """ValueError unless ``state`` has exactly the model's keys (but ``skip``), with the model's shapes
-    when ``shapes`` (timm's checkpoint filter resizes position and patch embeddings itself).
+    when ``check_shapes`` (timm's checkpoint filter resizes position and patch embeddings itself).
 
     A tied parameter (GPT-2's lm_head.weight is wte.weight) counts as present under any of its names.
     """
@@ -81,7 +81,7 @@ def _check_fit(model: torch.nn.Module, state: dict, path: str, skip=(), shapes: 
     missing = [key for key in own if key not in skip and not any(n in state for n in loaded_as.get(key, [key]))]
     unexpected = [key for key in state if key not in own and key not in skip]
     shapes = [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
-              for key in state if key in own and key not in skip and state[key].shape != own[key].shape] if shapes else []
+              for key in state if key in own and key not in skip and state[key].shape != own[key].shape] if check_shapes else []
     if missing or unexpected or shapes:
         raise ValueError(f"pretrained weights {path!r} do not fit the model: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
@@ -96,10 +96,10 @@ def _locate_or_fallback(pretrained, allow_random_fallback: bool) -> tuple[str, s
     except FileNotFoundError as error:
         if not allow_random_fallback:
             raise
-        return "none", None, random_init_note(pretrained, error)
+        return "none", None, _random_init_note(pretrained, error)
 
 
-def random_init_note(pretrained, error: Exception) -> str:
+def _random_init_note(pretrained, error: Exception) -> str:
     return f"random init (pretrained {str(pretrained)!r} not loaded: {error})"
 
 
@@ -113,15 +113,21 @@ def vit_pretrained_cfg(name: str, pretrained: str | None, **kwargs) -> dict | No
     """timm's pretrained config of the weights ``pretrained`` names (mean, std, interpolation, ...),
     None for random init. A hub name reads only its config.json (from the cache when offline); a
     bare state-dict file has none of its own: the architecture's default (timm's ViT-B/16 augreg)."""
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path  # what create_model uses
+
     _vit_args(name, kwargs)
     where, source = find_pretrained(pretrained)
     if where == "none":
         return None
     if where == "dir":
-        return timm.models.load_model_config_from_path(source)[0]
+        try:
+            return load_model_config_from_path(source)[0]
+        except KeyError as error:  # a config.json without timm's "architecture"
+            raise ValueError(f"{source!r} is not a timm model folder (config.json lacks {error}); a ViT folder "
+                             f"holds timm's config.json + model.safetensors, as timm.models.save_for_hf writes them") from None
     if where == "hub":
         try:
-            return timm.models.load_model_config_from_hf(source)[0]
+            return load_model_config_from_hf(source)[0]
         except OSError as error:
             raise missing_weights(source, error) from None
     return timm.models.get_pretrained_cfg(VIT_ARCH).to_dict()
@@ -156,7 +162,7 @@ def build_vit(name: str, pretrained: str | None = None, allow_random_fallback: b
             reference = timm.create_model(VIT_ARCH, **args)
         head = [k for k in ("head.weight", "head.bias") if k in state and k in reference.state_dict()
                 and state[k].shape != reference.state_dict()[k].shape]
-        _check_fit(reference, state, source, skip=head, shapes=False)  # timm loads non-strictly when it drops a head
+        _check_fit(reference, state, source, skip=head, check_shapes=False)  # timm loads non-strictly when it drops a head
         classes = state["head.weight"].shape[0] if "head.weight" in state else args.get("num_classes", 1000)
         del state, reference
         model = _create_vit(VIT_ARCH, source, pretrained_cfg_overlay=dict(file=source, num_classes=classes), **args)
@@ -173,7 +179,7 @@ def build_vit(name: str, pretrained: str | None = None, allow_random_fallback: b
         except WeightsNotFound as error:
             if not allow_random_fallback:
                 raise
-            model, note = timm.create_model(VIT_ARCH, **args), random_init_note(source, error)
+            model, note = timm.create_model(VIT_ARCH, **args), _random_init_note(source, error)
     else:
         model = timm.create_model(VIT_ARCH, **args)
     if not isinstance(model, VisionTransformer):
@@ -225,7 +231,7 @@ def build_gpt2(name: str, pretrained: str | None = None, allow_random_fallback: 
                 raise ValueError(f"could not read pretrained weights from {source!r}: {error}") from None
             if not allow_random_fallback:
                 raise missing_weights(source, error) from None
-            note = random_init_note(source, missing_weights(source, error))
+            note = _random_init_note(source, missing_weights(source, error))
     defaults = GPT2_TINY if name == "gpt2_tiny" else {}
     model = GPT2LMHeadModel(GPT2Config(**{**defaults, **config_overrides}, attn_implementation="eager"))
     if where == "file":

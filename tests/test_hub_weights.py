@@ -85,7 +85,8 @@ def test_pretrained_vit_normalizes_as_its_config_says(hf_cache, tmp_path, cache_
     config["pretrained_cfg"].update(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])  # ImageNet's, as DeiT's
     (tmp_path / "weights" / "config.json").write_text(json.dumps(config))
     hf_cache("someone/deit-like", tmp_path / "weights")
-    for pretrained, mean in [("someone/deit-like", [0.485, 0.456, 0.406]), (None, [0.5, 0.5, 0.5])]:
+    for pretrained, mean in [("someone/deit-like", [0.485, 0.456, 0.406]), (str(tmp_path / "weights"), [0.485, 0.456, 0.406]),
+                             (None, [0.5, 0.5, 0.5])]:
         task = build_task(compose(f"model.pretrained={pretrained or 'null'}", f"cache_dir={cache_dir}"), "cpu")
         task.load_data()
         assert task.info["mean"] == pytest.approx(mean)
