@@ -10,6 +10,13 @@ import os
 import sys
 import traceback
 
+if __name__ == "__main__":  # our help page, before anything heavy is imported (torch takes seconds)
+    from gblr.cli_help import page, wants_help
+
+    if wants_help(sys.argv[1:]):
+        print(page())
+        sys.exit(0)
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -20,6 +27,7 @@ from gblr.config import CONFIG_DIR
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg):
+    # Imported here, not at the top: Hydra's --cfg, --info and shell completion never need torch.
     from gblr import distributed
     from gblr.runner import run
 

@@ -1,12 +1,11 @@
-"""The Hugging Face hub: whether it may be used, whether it answers, and where pretrained weights come from.
+"""The Hugging Face hub: what a ``pretrained=`` string names, and the one error when its weights are missing.
 
-The answer is found before any download starts, so that a machine without network fails within
-seconds, with a message naming the local alternative, rather than somewhere inside a download.
+Loading is the libraries' own (transformers ``from_pretrained``, timm ``create_model``): they read
+the local Hugging Face cache (``$HF_HOME/hub``, where ``hf download`` puts files), download only
+what it lacks, and with ``HF_HUB_OFFLINE=1`` read the cache alone. Nothing here probes the network.
 """
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 # A pretrained= string ending in one of these names a local weights file, never a hub name.
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
@@ -18,42 +17,37 @@ def hub_offline() -> bool:
                for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub (or the HTTPS proxy in between) opens within ``timeout_s``."""
-    url = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or \
-        os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(url if "://" in url else f"http://{url}")
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+class WeightsNotFound(ValueError):
+    """Pretrained weights named by a hub name are neither in the Hugging Face cache nor downloadable."""
 
 
 def find_pretrained(pretrained: str | os.PathLike | None) -> tuple[str, str | None]:
-    """Where ``pretrained`` weights come from: ("none", None), ("local", path) or ("hub", name).
+    """What ``pretrained`` names: ("none", None), ("file", path), ("dir", path) or ("hub", name).
 
-    A string is a local path when it exists, ends in a weight-file suffix or starts with
-    "/", "." or "~"; otherwise it is a hub name. Raises FileNotFoundError for a local path that
-    does not exist, and ValueError (fast, before any download) for a hub name while the hub is off
-    (HF_HUB_OFFLINE=1) or unreachable; both messages say how to provide a local file instead.
+    A string is a local path when it exists, ends in a weight-file suffix or starts with "/", "."
+    or "~" (FileNotFoundError when such a path does not exist); otherwise it is a hub name
+    ("org/name", an optional "hf-hub:" prefix is dropped), resolved by the loading library.
     """
     if pretrained is None or str(pretrained).strip() == "":
         return "none", None
     text = str(pretrained)
     path = Path(text).expanduser()
     if path.exists():
-        return "local", str(path)
+        return ("dir" if path.is_dir() else "file"), str(path)
     if isinstance(pretrained, os.PathLike) or text.startswith(("/", ".", "~")) or text.endswith(WEIGHT_SUFFIXES):
         raise FileNotFoundError(f"pretrained weights not found: {text!r} does not exist. Give an existing "
-                                f"state-dict file ({', '.join(WEIGHT_SUFFIXES)}) or model directory, or "
+                                f"state-dict file ({', '.join(WEIGHT_SUFFIXES)}) or model folder, or "
                                 f"pretrained=null for random init.")
-    why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else None
-    if why is None and not hub_reachable():
-        why = "the Hugging Face hub cannot be reached from this machine"
-    if why:
-        raise ValueError(f"cannot download pretrained weights {text!r}: {why}. It is not a local path either. "
-                         f"On a machine with network, download it (e.g. `huggingface-cli download {text}`) and "
-                         f"pass the local file or directory as pretrained=/path/to/weights, or use "
-                         f"pretrained=null for random init.")
-    return "hub", text
+    return "hub", text.removeprefix("hf-hub:")
+
+
+def missing_weights(name: str, error: BaseException) -> WeightsNotFound:
+    """The one-line error for hub weights that the loading library could not find (``error``)."""
+    from huggingface_hub import constants
+
+    why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else "downloading failed"
+    detail = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return WeightsNotFound(
+        f"pretrained weights {name!r} are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why} "
+        f"({type(error).__name__}: {detail}). Fetch them once with `hf download {name}` (same HF_HOME), "
+        f"or set model.pretrained=/path/to/a/local/folder-or-file, or model.pretrained=null for random init.")

@@ -23,7 +23,7 @@ log = logging.getLogger("gblr")
 NOT_IDENTITY = ("logger", "resume", "fresh", "device", "out_dir", "cache_dir", "train.num_workers",
                 "start.num_workers", "train.eval_batch_size", "train.stop_after", "train.log_every")
 # What a run leaves in its folder (besides .hydra/ and run.log, which Hydra writes for each launch).
-RUN_FILES = ("results.json", "checkpoint.pt")
+RUN_FILES = ("results.json", "checkpoint.pt", "model.safetensors", "model.json")
 
 
 def identity(config) -> dict:

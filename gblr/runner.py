@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gblr import distributed
+from gblr import distributed, export
 from gblr.budget import Budget
 from gblr.flops import flop_report, per_layer_report
 from gblr.files import BadFile, check_writable, entry_problem, load_safely, locked, remove_temp_files, versions, \
@@ -66,7 +66,10 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
     torch.manual_seed(cfg.start.seed)
     model, weights = task.build_model(allow_random_fallback=cfg.dry_run)
     model.to(device)
-    log.info(f"model {cfg.model.name}: {weights}")
+    if weights.startswith("random init ("):  # a dry run whose named weights are missing: say it loudly
+        log.warning(f"warning: dry run with RANDOM weights, {weights}. The FLOP report does not depend on them.")
+    else:
+        log.info(f"model {cfg.model.name}: {weights}")
     options = conversion_options(cfg)
     check_conversion(model, cfg.model.targets, kind, budget, options)
 
@@ -99,6 +102,8 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         "versions": versions(), "config": plain(cfg), "identity": identity(cfg), "completed": True,
     }
     if distributed.is_main():
+        if not cfg.dry_run:  # the reported model, reusable: gblr.export.load(run_dir)
+            result["export"] = export.save(run_dir, model, result, task.info)
         write_json(run_dir / "results.json", result)
         log.info(f"results: {run_dir / 'results.json'}")
         print(summary_table(result), flush=True)

@@ -39,8 +39,8 @@ def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(tmp
         assert abs(ddp["metrics"][key] - single["metrics"][key]) <= 100 / 360 + 1e-9
     assert ddp["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"], rel=1e-3)
     assert ddp["flops"]["replaced"] <= 0.3
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.suffix in (".json", ".pt")) == \
-        ["checkpoint.pt", "results.json"]  # one results file, written by rank 0
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.suffix in (".json", ".pt", ".safetensors")) == \
+        ["checkpoint.pt", "model.json", "model.safetensors", "results.json"]  # one of each, written by rank 0
 
 
 def test_a_multirun_through_the_submitit_local_launcher_finds_both_results(tmp_path, cache_dir):

@@ -5,8 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gblr import hub
-from gblr.hub import find_pretrained
+from gblr.hub import WeightsNotFound, find_pretrained
 from gblr.models import build_gpt2, build_vit
 
 VIT_HUB = "timm/vit_base_patch16_224.augreg_in21k_ft_in1k"
@@ -104,7 +103,7 @@ def test_gpt2_local_directory_and_file(tmp_path):
     expected = source.eval()(ids).logits
 
     from_dir, weights = build_gpt2("gpt2_tiny", pretrained=str(tmp_path / "dir"))
-    assert weights.startswith("local directory") and from_dir.config._attn_implementation == "eager"
+    assert weights.startswith("local folder") and from_dir.config._attn_implementation == "eager"
     torch.testing.assert_close(from_dir.eval()(ids).logits, expected)
 
     # A state-dict file without the tied LM head (it is wte.weight) loads through its twin.
@@ -122,35 +121,26 @@ def test_missing_local_path_names_it(tmp_path):
         build_gpt2("gpt2_tiny", pretrained="./no_such_gpt2_dir")
 
 
-def test_hub_names_fail_fast_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_names_missing_from_the_cache_fail_fast_offline(hf_cache):
     start = time.perf_counter()
-    with pytest.raises(ValueError, match=r"(?s)HF_HUB_OFFLINE=1.*pretrained=/path/to/weights"):
+    with pytest.raises(WeightsNotFound, match=r"'timm/vit_base_patch16_224.augreg_in21k_ft_in1k' are not in the Hugging "
+                                              r"Face cache .*HF_HUB_OFFLINE=1 is set.*`hf download timm/vit_base_patch16"):
         build_vit("vit_base", pretrained=VIT_HUB)
-    with pytest.raises(ValueError, match="openai-community/gpt2.*HF_HUB_OFFLINE=1"):
+    with pytest.raises(WeightsNotFound, match=r"'openai-community/gpt2'.*`hf download openai-community/gpt2`"):
         build_gpt2("gpt2", pretrained="openai-community/gpt2")
     assert time.perf_counter() - start < 5
 
 
-def test_hub_names_fail_fast_without_network(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(hub, "hub_reachable", lambda timeout_s=3.0: False)
-    with pytest.raises(ValueError, match="cannot be reached"):
-        find_pretrained("gpt2")
-
-
-def test_find_pretrained_classifies(tmp_path, monkeypatch):
-    monkeypatch.setattr(hub, "hub_reachable", lambda timeout_s=3.0: True)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+def test_find_pretrained_classifies(tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"")
     assert find_pretrained(None) == ("none", None)
-    assert find_pretrained(str(tmp_path)) == ("local", str(tmp_path))
+    assert find_pretrained(str(tmp_path)) == ("dir", str(tmp_path))
+    assert find_pretrained(str(tmp_path / "w.pt")) == ("file", str(tmp_path / "w.pt"))
     assert find_pretrained(VIT_HUB) == ("hub", VIT_HUB)
+    assert find_pretrained("hf-hub:" + VIT_HUB) == ("hub", VIT_HUB)
 
 
-def test_random_fallback_says_why(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_random_fallback_says_why(hf_cache, tmp_path):
     with torch.device("meta"):
         model, weights = build_vit("vit_base", pretrained=VIT_HUB, allow_random_fallback=True)
     assert model.embed_dim == 768
@@ -162,3 +152,15 @@ def test_random_fallback_says_why(monkeypatch, tmp_path):
     corrupt.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="could not read"):
         tiny_gpt2(pretrained=str(corrupt), allow_random_fallback=True)
+
+
+def test_vit_file_goes_through_timms_checkpoint_filter(tmp_path):
+    # Weights for 32 px (8x8 patches) into a 48 px model (12x12): timm's filter resamples the
+    # position embeddings; everything else loads as saved.
+    source, _ = build_vit("vit_tiny")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    model, weights = build_vit("vit_tiny", pretrained=str(tmp_path / "vit.safetensors"), img_size=48)
+    assert weights == f"local file {tmp_path / 'vit.safetensors'}"
+    assert model.pos_embed.shape == (1, 1 + 12 * 12, 64) and source.pos_embed.shape == (1, 1 + 8 * 8, 64)
+    torch.testing.assert_close(model.blocks[2].mlp.fc2.weight, source.blocks[2].mlp.fc2.weight)
+    torch.testing.assert_close(model.pos_embed[:, 0], source.pos_embed[:, 0])  # the class token's own

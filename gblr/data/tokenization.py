@@ -9,7 +9,7 @@ the tokenizer's full json, so a cache made with one tokenizer is never read with
 from pathlib import Path
 
 from gblr.data.token_stream import sha1
-from gblr.hub import hub_offline, hub_reachable
+from gblr.hub import hub_offline
 from gblr.files import cached
 
 EOS = "<|endoftext|>"
@@ -29,11 +29,8 @@ def load_tokenizer(name_or_path="gpt2"):
             f"tokenizer directory {path} does not exist; set data.tokenizer to a folder with "
             "tokenizer.json (or vocab.json + merges.txt), e.g. one written by save_pretrained"
         )
-    why = None
-    if not path.is_dir():  # a hub name: read the local HF cache only when the hub is off or unreachable
-        why = "HF_HUB_OFFLINE=1 is set" if hub_offline() else None
-        if why is None and not hub_reachable():
-            why = "the Hugging Face hub cannot be reached"
+    # A hub name: the library reads the Hugging Face cache, and downloads only when the hub is allowed.
+    why = "HF_HUB_OFFLINE=1 is set" if not path.is_dir() and hub_offline() else None
     try:
         source = str(path) if path.is_dir() else name_or_path
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=bool(why))
@@ -45,8 +42,9 @@ def load_tokenizer(name_or_path="gpt2"):
             raise
         raise FileNotFoundError(
             f"tokenizer {name_or_path!r} is not a local directory and could not be loaded from the "
-            f"Hugging Face cache or hub ({why or str(e).splitlines()[0]}); set "
-            "data.tokenizer=/path/to/gpt2 (a folder with tokenizer.json or vocab.json + merges.txt)"
+            f"Hugging Face cache or hub ({why or str(e).splitlines()[0]}); fetch it once with "
+            f"`hf download {name_or_path}`, or set data.tokenizer=/path/to/gpt2 (a folder with "
+            "tokenizer.json or vocab.json + merges.txt)"
         ) from None
     if len(tokenizer) < 256:
         raise ValueError(

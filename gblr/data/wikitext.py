@@ -22,7 +22,7 @@ import numpy as np
 
 from gblr.data.token_stream import cache_path, cached_tokens
 from gblr.data.tokenization import backend, encode_lines, tokenizer_fingerprint
-from gblr.hub import hub_offline, hub_reachable
+from gblr.hub import hub_offline
 
 WIKITEXT_CONFIG = "wikitext-103-raw-v1"
 WIKITEXT_DESCRIPTION = "WikiText-103 (wikitext-103-raw-v1)"
@@ -77,12 +77,6 @@ def _hub_wikitext(split: str):
             "WikiText-103: data.root is not set and the `datasets` library is not installed; set "
             f"data.root=/path/to/{WIKITEXT_CONFIG} (parquet or wiki.*.raw files) or pip install datasets"
         ) from None
-    if not hub_offline() and not hub_reachable():
-        raise FileNotFoundError(
-            "WikiText-103: data.root is not set and the Hugging Face hub cannot be reached; set "
-            f"data.root=/path/to/{WIKITEXT_CONFIG} (parquet or wiki.*.raw files), or HF_HUB_OFFLINE=1 "
-            "to read the Hugging Face datasets cache"
-        )
     errors = []
     for repo in ("Salesforce/wikitext", "wikitext"):  # the canonical id, then the old alias
         try:

@@ -75,6 +75,11 @@ class StructuredLinear(nn.Module):
     def dense_macs_per_token(self) -> int:
         return self.in_features * self.out_features
 
+    def build_options(self) -> dict:
+        """The ``build`` options that give a layer of this one's shapes (and non-parameter settings),
+        so that an exported model can be rebuilt before its weights are loaded (``gblr.export``)."""
+        return {}
+
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
         """The (out, in) matrix this layer applies (bias excluded)."""

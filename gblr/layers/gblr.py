@@ -207,6 +207,9 @@ class GBLRLinear(StructuredLinear):
     def macs_per_token(self) -> int:
         return int(component_macs(*self.hard_structure(), self.rank).sum())
 
+    def build_options(self) -> dict:
+        return {"K": self.num_components, "rank": self.rank, "sigma": self.sigma}
+
     def component_states(self) -> dict[str, int]:
         """How many components are active (both widths > 0: they cost MACs), placeholders (one
         width > 0, the other 0: they cost nothing, but the closed form's gradient at width 0 lets

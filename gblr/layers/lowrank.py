@@ -43,6 +43,9 @@ class LowRankLinear(StructuredLinear):
     def macs_per_token(self) -> int:
         return self.rank * (self.in_features + self.out_features)
 
+    def build_options(self) -> dict:
+        return {"rank": self.rank}
+
     def to_dense(self):
         return (self.U @ self.V).detach()
 

@@ -100,6 +100,9 @@ class MonarchLinear(StructuredLinear):
     def macs_per_token(self) -> int:
         return monarch_macs(self.in_features, self.out_features, self.nblocks)
 
+    def build_options(self) -> dict:
+        return {"nblocks": self.nblocks}
+
     @classmethod
     def _nblocks(cls, in_features, out_features, budget, nblocks):
         if nblocks is None:

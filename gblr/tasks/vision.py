@@ -11,8 +11,9 @@ class ImageClassification(Task):
     """A ViT on an image folder: cross-entropy (with optional Mixup / CutMix and label smoothing).
 
     The model owns the input size (``model.kwargs.img_size``, else the architecture's own), the
-    data config the number of classes (``data.num_classes``) and the normalization (``data.mean`` /
-    ``data.std``).
+    data config the number of classes (``data.num_classes``). The normalization is ``data.mean`` /
+    ``data.std`` when set; unset (null), a pretrained model's own (its timm pretrained config, e.g.
+    ImageNet mean/std for DeiT weights) and 0.5 / 0.5 for a random-init model (the tiny ViT on digits).
     """
 
     metric, higher_is_better = "top1", True
@@ -30,14 +31,22 @@ class ImageClassification(Task):
         d = self.data
         extra = {k: d[k] for k in ("auto_augment", "re_prob", "crop_pct", "interpolation", "augment") if k in d}
         mean_std = {k: tuple(d[k]) for k in ("mean", "std") if d.get(k)}
+        if not mean_std:  # the pretrained weights' own normalization (read before any data)
+            from gblr.models import vit_data_config, vit_pretrained_cfg
+
+            m = self.model_cfg
+            mean_std = vit_data_config(vit_pretrained_cfg(m["name"], m.get("pretrained"), **m.get("kwargs", {}))) or {}
         self.train_set, self.val_set, self.info = build_vision_data(
             d["name"], root=d.get("root"), cache_dir=self.cache_dir,
             img_size=vit_input_size(self.model_cfg["name"], self.model_cfg.get("kwargs", {})), **mean_std, **extra)
         if self.mixup_alpha or self.cutmix_alpha:
             from timm.data import Mixup
 
+            from timm.loss import SoftTargetCrossEntropy
+
             self.mixup = Mixup(mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
                                label_smoothing=self.label_smoothing, num_classes=self.info["num_classes"])
+            self.soft_loss = SoftTargetCrossEntropy()  # Mixup's targets are label distributions
 
     def build_model(self, allow_random_fallback: bool):
         from gblr.models import build_vit
@@ -50,7 +59,7 @@ class ImageClassification(Task):
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
         if self.mixup is not None and model.training:
             x, soft = self.mixup(x, y)
-            return torch.sum(-soft * F.log_softmax(model(x).float(), dim=-1), dim=-1).mean()
+            return self.soft_loss(model(x).float(), soft)
         return F.cross_entropy(model(x).float(), y, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
