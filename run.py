@@ -14,7 +14,10 @@ if __name__ == "__main__":  # our help page, before anything heavy is imported (
     from gblr.cli_help import page, wants_help
 
     if wants_help(sys.argv[1:]):
-        print(page())
+        try:
+            print(page())
+        except BrokenPipeError:  # `run.py --help | head`
+            pass
         sys.exit(0)
 
 import hydra
