@@ -12,17 +12,21 @@ converted with ``replace_layers`` and timed against the unconverted model:
     lowrank       truncated-SVD factors at the budget's rank
     monarch       the fewest blocks within the budget
     gblr          from_dense(init="lowrank") (the budget's top components at full width), then every
-                  GBLR layer through ``to_inference(mode="auto")`` on the batch's token count
+                  GBLR layer through ``to_inference(mode="auto")`` on the batch's token count (layers
+                  of the same shape and structure reuse the first one's choice)
     gblr-random   the same with uniform random widths and locations projected onto the budget per
-                  layer (a stand-in for a learned layout), then ``to_inference``
+                  layer (a stand-in for a learned layout); not in the default --kinds: auto then
+                  times every layer apart (minutes on CPU)
 Forward only, under torch.no_grad; each time is the median (--stat min: minimum) of --repeats calls
 after one warm-up, the variants of a model taking turns so that drifting load from other processes
 hits all alike. Beside each time: the model's MACs per sample (``gblr.flops.flop_report``: the
 ``model`` ratio is the whole forward over the same model dense) and, for GBLR, the MACs the
 inference GEMMs execute. The CPU target (reported, never enforced): ViT-B/16 at budget 0.3 in
-<= 0.6x dense time. Prints a table; writes JSON (default results/bench_model_<device>.json) atomically.
+<= 0.6x dense time. Prints a table; writes JSON (default results/bench_model.json, on CUDA
+results/bench_model_cuda.json) atomically.
 """
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -40,8 +44,9 @@ from gblr.models import build_gpt2, build_vit
 from gblr.surgery import replace_layers, structured_layers
 
 KINDS = ("lowrank", "monarch", "gblr", "gblr-random")
+DEFAULT_KINDS = "lowrank,monarch,gblr"  # gblr-random: auto times every layer apart, minutes more on CPU
 TARGET = dict(model="vit", budget=0.3, limit=0.6)  # ViT-B/16 at budget 0.3 in <= 0.6x dense time (CPU)
-FULL = dict(models="vit,gpt2", budgets="0.3,0.5", repeats=5, vit="vit_base_patch16_224", gpt2="gpt2",
+FULL = dict(models="vit,gpt2", budgets="0.3,0.5", repeats=5, vit="vit_base", gpt2="gpt2",
             vit_batch=8, gpt2_batch=4, gpt2_tokens=512)
 QUICK = dict(models="vit,gpt2", budgets="0.3", repeats=2, vit="vit_tiny", gpt2="gpt2_tiny",
              vit_batch=8, gpt2_batch=2, gpt2_tokens=64)
@@ -63,12 +68,23 @@ def build(family: str, name: str, batch: int, tokens: int, device, seed: int):
     return model.eval().to(device), x.to(device), per_sample
 
 
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def convert(model, kind: str, budget: float, tokens: int, seed: int, dtype) -> dict:
     """Replace the paper's layers in place by ``kind`` at ``budget`` and cast the model to ``dtype``;
     GBLR layers go through to_inference (which picks its mode by timing on this device and dtype).
     Returns notes: the inference modes chosen and the MACs the GEMMs execute (GBLR)."""
-    replaced = replace_layers(model, None, "gblr" if kind.startswith("gblr") else kind, budget)
+    with one_thread():  # the SVDs: with more threads than free cores, OpenMP waits can make them 100x slower
+        replaced = replace_layers(model, None, "gblr" if kind.startswith("gblr") else kind, budget)
     model.to(dtype)
     if not kind.startswith("gblr"):
         return {}
@@ -79,10 +95,13 @@ def convert(model, kind: str, budget: float, tokens: int, seed: int, dtype) -> d
             layer.widths.copy_(torch.rand(layer.widths.shape, generator=generator))
             layer.locations.copy_(torch.rand(layer.locations.shape, generator=generator))
         uniform_project_widths(layers, budget)
-    modes, executed = {}, 0
+    modes, executed, chosen = {}, 0, {}
     for name, layer in structured_layers(model):
         if isinstance(layer, GBLRLinear):
-            fast = to_inference(layer, "auto", tokens=tokens)
+            # Layers of one shape and one structure (every block, as initialized) share auto's choice.
+            key = (layer.out_features, layer.in_features, str(layer.widths.tolist()), str(layer.locations.tolist()))
+            fast = to_inference(layer, chosen[key]) if key in chosen else to_inference(layer, "auto", tokens=tokens)
+            chosen[key] = fast.mode
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, fast)
             modes[fast.mode] = modes.get(fast.mode, 0) + 1
@@ -98,14 +117,16 @@ def macs(model, tokens: int) -> dict:
 
 def bench_family(family: str, args, device, dtype) -> list[dict]:
     name, batch = getattr(args, family), getattr(args, f"{family}_batch")
-    dense, x, per_sample = build(family, name, batch, args.gpt2_tokens, device, args.seed)
+    with one_thread():
+        dense, x, per_sample = build(family, name, batch, args.gpt2_tokens, device, args.seed)
     dense.to(dtype)
     tokens = batch * per_sample
     variants = [("dense", 1.0, dense, {})]
     for budget in args.budgets:
         for kind in args.kinds:
             start = time.perf_counter()
-            model, _, _ = build(family, name, batch, args.gpt2_tokens, device, args.seed)
+            with one_thread():
+                model, _, _ = build(family, name, batch, args.gpt2_tokens, device, args.seed)
             try:
                 notes = convert(model, kind, budget, tokens, args.seed, dtype)
             except Exception as error:  # keep the benchmark going; the row records why
@@ -182,7 +203,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help=f"comma-separated vit, gpt2 (default {FULL['models']})")
     parser.add_argument("--budgets", help=f"comma-separated budgets in (0, 1] (default {FULL['budgets']})")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="weight types besides dense (always timed)")
+    parser.add_argument("--kinds", default=DEFAULT_KINDS, help=f"weight types besides dense (always timed): "
+                                                                  f"{', '.join(KINDS)}")
     parser.add_argument("--vit", help=f"ViT name (default {FULL['vit']})")
     parser.add_argument("--gpt2", help=f"GPT-2 name (default {FULL['gpt2']})")
     parser.add_argument("--vit-batch", type=int, help=f"images per forward (default {FULL['vit_batch']})")
@@ -219,7 +241,8 @@ def main(argv=None) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    args.out = args.out or os.path.join("results", f"bench_model_{device.type}.json")
+    args.out = args.out or os.path.join("results", "bench_model.json" if device.type == "cpu"
+                                        else f"bench_model_{device.type}.json")
     loadavg_start = os.getloadavg()
     rows = []
     for family in families:

@@ -63,7 +63,11 @@ def test_monarch_forward_and_backward_match_its_dense_matrix(out_features, in_fe
     layer = build("monarch", in_features, out_features, bias=bias, nblocks=nblocks)
     dense = lambda R, L: monarch_dense(R, L, out_features, in_features)  # noqa: E731
     assert rel(layer.to_dense(), dense(layer.R.detach(), layer.L.detach())) < 1e-6
-    check_against_dense(layer, dense, torch.randn(3, 5, in_features), [layer.R, layer.L])
+    x = torch.randn(3, 5, in_features)
+    check_against_dense(layer, dense, x, [layer.R, layer.L])
+    with torch.no_grad():  # the inference path (bias added in place)
+        W = dense(layer.R, layer.L)
+        assert rel(layer(x), x @ W.T + (0 if layer.bias is None else layer.bias)) < 1e-5
     layer.zero_grad()
     # An input in the layout the layer returns (tokens last in memory) takes the same path.
     transposed = torch.randn(in_features, 15).T.reshape(3, 5, in_features)
@@ -96,3 +100,15 @@ def test_monarch_block_count_never_exceeds_the_budget(budget):
         assert layer.macs_per_token() <= limit
         # No feasible layout with fewer, larger blocks (less of the budget spent on zero padding).
         assert all(monarch_macs(in_features, out_features, k) > limit for k in range(1, b))
+
+
+def test_monarch_training_graph_has_no_in_place_copy_of_the_output():
+    # An in-place bias add on the output view would make autograd copy the whole output in backward.
+    layer = build("monarch", 48, 96, nblocks=4)
+    seen, stack = set(), [layer(torch.randn(6, 48, requires_grad=True)).grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack += [next_node for next_node, _ in node.next_functions]
+    assert "CopySlices" not in {type(node).__name__ for node in seen}

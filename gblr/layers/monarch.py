@@ -102,8 +102,8 @@ class MonarchLinear(StructuredLinear):
         Features first, tokens last, and no copies: block i of every token is the (p, n) view
         x.view(n, b, p)[:, i].T (a transposed GEMM operand), the fixed shuffle is a view of the
         (b, q, n) middle, and the (b s, n) product is returned as its transpose, an (n, out) view
-        (the next layer reads it as it reads a contiguous one). The bias is added in place rather
-        than into a second (n, out) tensor.
+        (the next layer reads it as it reads a contiguous one). Without autograd the bias is added
+        in place rather than into a second (n, out) tensor.
         """
         b, q, p = self.R.shape
         s = self.L.shape[1]
@@ -116,7 +116,11 @@ class MonarchLinear(StructuredLinear):
         h = h.view(q, b, n).transpose(0, 1)  # (b, q, n): block j reads middle m = t' b + j
         y = torch.bmm(self.L, h).view(b * s, n)[: self.out_features].T
         if bias is not None:
-            y = y.add_(bias.to(y.dtype))
+            bias = bias.to(y.dtype)
+            if torch.is_grad_enabled() and (y.requires_grad or bias.requires_grad):
+                y = y + bias  # in place on the view, autograd's backward would copy the whole output twice
+            else:
+                y = y.add_(bias)  # y is fresh: no second (n, out) tensor
         return y.reshape(*lead, self.out_features)
 
     def macs_per_token(self) -> int:
