@@ -123,6 +123,8 @@ def test_ddp_accumulation_all_reduces_gradients_once_per_optimizer_step(tmp_path
 
 
 def test_a_multi_task_slurm_job_exports_the_torchrun_variables_with_submitit(monkeypatch):
+    # submitit writes os.environ itself: give it a copy, so that no RANK/WORLD_SIZE outlives the test
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
