@@ -52,7 +52,11 @@ def main(cfg):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(code)
     if not result.get("completed"):
-        print(f"stopped: resume=true continues {result.get('run_dir')}", file=sys.stderr)
+        run_dir = result.get("run_dir")
+        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            print(f"stopped: resume=true continues {run_dir}", file=sys.stderr)
+        else:  # stopped in the dense start, which is cached only when finished
+            print("stopped before fine-tuning began, nothing to resume: run the command again", file=sys.stderr)
         sys.exit(exits.STOPPED)  # in a multirun, this stops the whole sweep
     return result
 

@@ -18,7 +18,8 @@ def imports(paths) -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    return {name for name in names if name not in sys.stdlib_module_names and name != "gblr"}
+    local = {"gblr", *(p.stem for p in ROOT.glob("scripts/*.py"))}  # a script may import its sibling
+    return {name for name in names if name not in sys.stdlib_module_names and name not in local}
 
 
 def declared(requirements) -> set[str]:

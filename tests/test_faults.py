@@ -95,3 +95,28 @@ def test_bad_steps_can_be_skipped_a_bounded_number_of_times(tmp_path, cache_dir,
     monkeypatch.setattr(gblr.tasks.ImageClassification, "loss", loss)
     result = run(compose(f"cache_dir={cache_dir}", f"out_dir={tmp_path}", *SETTINGS, "train.max_bad_steps=2"))
     assert result["completed"] and result["flops"]["replaced"] <= 0.3
+
+
+def test_a_stop_during_the_dense_start_exits_5_and_says_nothing_was_saved(tmp_path):
+    # A subprocess, to see the exit code and the last line: SIGTERM at the dense start's third step.
+    script = tmp_path / "stop_run.py"
+    script.write_text(
+        "import os, signal\n"
+        "import gblr.tasks as tasks\n"
+        "original, calls = tasks.ImageClassification.loss, [0]\n"
+        "def loss(self, model, batch):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return original(self, model, batch)\n"
+        "tasks.ImageClassification.loss = loss\n"
+        "import run\n"
+        "run.main()\n")
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(script), f"cache_dir={cache}", f"out_dir={out}", *SETTINGS],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    assert "nothing was saved: a rerun starts this training again" in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "stopped before fine-tuning began, nothing to resume: run the command again"
+    assert not list((cache / "starts").glob("*.pt")) and not (out / "checkpoint.pt").exists()

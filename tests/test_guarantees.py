@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import gblr.runner
+import gblr.tasks
 from gblr.config import ROOT, compose
 from gblr.data.pydoc_text import pydoc_tokenizer, pydoc_tokens
 from gblr.files import BadFile, Busy, entry_record, load_safely, locked
@@ -82,6 +83,37 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_without_running(tmp_path, c
     with pytest.raises(BadFile, match="only an unsafe load"):
         load_safely(tmp_path / "checkpoint.pt")
     assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_named_and_fresh_true_moves_it_aside(tmp_path, cache_dir):
+    torch.save({"identity": {}, "model": {"w": torch.zeros(1000)}}, tmp_path / "checkpoint.pt")
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # killed mid-copy, a full disk
+    with pytest.raises(ValueError, match=rf"run folder {tmp_path} holds another run: checkpoint checkpoint.pt cannot "
+                                         r"be loaded safely: .*fresh=true"):
+        run(compose(f"cache_dir={cache_dir}", f"out_dir={tmp_path}", "dry_run=true", "resume=true"))
+    run(compose(f"cache_dir={cache_dir}", f"out_dir={tmp_path}", "dry_run=true", "fresh=true"))  # not a dead end
+    assert (tmp_path / "results.json").exists() and len(list(tmp_path.glob("replaced-*/checkpoint.pt"))) == 1
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_the_beginning(tmp_path, cache_dir, caplog):
+    run(compose(f"cache_dir={cache_dir}", f"out_dir={tmp_path}", "dry_run=true", "resume=true"))
+    assert f"resume=true, but {tmp_path} has no checkpoint.pt: starting from the beginning" in caplog.text
+
+
+@pytest.mark.parametrize("key", ["out_dir", "cache_dir"])
+def test_an_unwritable_folder_fails_before_any_data_is_read(tmp_path, cache_dir, monkeypatch, key):
+    def never(*args, **kwargs):
+        pytest.fail("data was read before the folders were checked")
+
+    monkeypatch.setattr(gblr.tasks.ImageClassification, "load_data", never)
+    monkeypatch.setattr(gblr.runner, "train", never)
+    (tmp_path / "a-file").write_text("")  # a folder below a file cannot be made, even by root
+    folders = {"out_dir": tmp_path / "out", "cache_dir": cache_dir, key: tmp_path / "a-file" / "sub"}
+    message = {"out_dir": rf"run folder {tmp_path}/a-file/sub: cannot write in {tmp_path}/a-file/sub",
+               "cache_dir": rf"cache_dir '{tmp_path}/a-file/sub' is not writable"}[key]
+    with pytest.raises(ValueError, match=message):
+        run(compose(*(f"{k}={v}" for k, v in folders.items()), *QUICK))
 
 
 def test_a_planted_or_corrupt_dense_start_is_trained_again_with_a_warning(tmp_path, caplog):

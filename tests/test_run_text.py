@@ -162,7 +162,7 @@ def test_paper_preset_without_data_offline_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-@pytest.mark.parametrize("case", ["no data offline", "missing root", "block size", "missing tokenizer"])
+@pytest.mark.parametrize("case", ["no data offline", "missing root", "block size", "missing tokenizer", "vocabulary"])
 def test_bad_text_input_raises_one_line_errors_before_any_model(tmp_path, tokenizer_dir, case):
     """Each case as run() sees it; run.py turns these exceptions into one `error:` line (tested above)."""
     missing = tmp_path / "no" / "such" / "folder"
@@ -174,12 +174,15 @@ def test_bad_text_input_raises_one_line_errors_before_any_model(tmp_path, tokeni
                          [str(missing), "does not exist", "parquet", "wiki.train.raw"]),
         "block size": ([EMBEDDED, "data.block_size=256"], ValueError, ["block_size=256", "128 positions"]),
         "missing tokenizer": ([PAPER, f"data.tokenizer={missing}"], FileNotFoundError, [str(missing), "data.tokenizer"]),
+        # ids the model's embedding does not have would fail deep inside the model
+        "vocabulary": ([EMBEDDED, f"data.tokenizer={tokenizer_dir}", "data.vocab_size=256"], ValueError,
+                       ["has 300 tokens", "data.vocab_size=256", "set data.vocab_size=300"]),
     }[case]
     with pytest.raises(error) as raised:
         run(compose(*overrides, f"cache_dir={tmp_path}", f"out_dir={tmp_path / 'run'}"))
     message = str(raised.value)
     assert "\n" not in message and all(f in message for f in fragments), message
-    assert not (tmp_path / "run").exists()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # nothing written but the folder's lock
 
 
 def test_block_size_above_the_context_through_run_py(tmp_path):

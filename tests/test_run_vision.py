@@ -93,6 +93,10 @@ def test_resume_after_an_interruption_reaches_the_same_final_metrics(tmp_path, c
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
 
 
+# An earlier dry run's report: a folder any later run may replace, so only the bad input stops these runs.
+EARLIER = json.dumps({"dry_run": True, "completed": True, "note": "earlier results"})
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["budget=0"], "budget must be a number in (0, 1]"),
     (["budget=1.5"], "got 1.5"),
@@ -103,11 +107,11 @@ def test_resume_after_an_interruption_reaches_the_same_final_metrics(tmp_path, c
     (["weight.budget_mode=magic"], "weight.budget_mode must be one of"),
 ])
 def test_bad_input_is_a_clear_error_before_anything_is_written(tmp_path, cache_dir, overrides, message):
-    (tmp_path / "results.json").write_text("earlier results")
+    (tmp_path / "results.json").write_text(EARLIER)
     with pytest.raises((ValueError, FileNotFoundError)) as error:
         quick_run(tmp_path, cache_dir, *overrides)
     assert message in str(error.value)
-    assert (tmp_path / "results.json").read_text() == "earlier results"
+    assert (tmp_path / "results.json").read_text() == EARLIER
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -115,12 +119,12 @@ def test_bad_input_is_a_clear_error_before_anything_is_written(tmp_path, cache_d
     (["data=imagenet", "data.root=/no/such/imagenet"], "error: image folder /no/such/imagenet does not exist"),
 ])
 def test_command_line_errors_are_one_line_with_a_nonzero_exit(tmp_path, overrides, message):
-    (tmp_path / "results.json").write_text("earlier results")
+    (tmp_path / "results.json").write_text(EARLIER)
     proc = subprocess.run([sys.executable, "run.py", f"out_dir={tmp_path}", *overrides], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(message)
-    assert (tmp_path / "results.json").read_text() == "earlier results"
+    assert (tmp_path / "results.json").read_text() == EARLIER
 
 
 @pytest.mark.e2e

@@ -1,6 +1,7 @@
 """What every task shares: the config it was built from and the data checks."""
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from gblr.data import default_cache_dir
@@ -27,7 +28,7 @@ class Task:
         if cfg.data.name not in self.datasets:
             raise ValueError(f"model={cfg.model.name} ({type(self).__name__}) takes data={' | '.join(self.datasets)}, "
                              f"got data={cfg.data.name}")
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device = cfg, torch.device(device)  # "cpu" or a torch.device
         self.data, self.model_cfg = plain(cfg.data), plain(cfg.model)
         self.cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
         self.train_set, self.info = None, None  # set by load_data
