@@ -52,9 +52,8 @@ def main(cfg):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(code)
     if not result.get("completed"):
-        run_dir = result.get("run_dir")
-        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-            print(f"stopped: resume=true continues {run_dir}", file=sys.stderr)
+        if result["resumable"]:  # fine-tuning wrote a checkpoint where it stopped
+            print(f"stopped: resume=true continues {result['run_dir']}", file=sys.stderr)
         else:  # stopped in the dense start, which is cached only when finished
             print("stopped before fine-tuning began, nothing to resume: run the command again", file=sys.stderr)
         sys.exit(exits.STOPPED)  # in a multirun, this stops the whole sweep

@@ -77,7 +77,7 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
     if not cfg.dry_run:
         start = dense_start(cfg, task, model, device)
         if start is None:  # preempted while training the dense start: rerun to train it again
-            return {"completed": False, "run_dir": str(run_dir), "history": []}
+            return {"completed": False, "resumable": False, "run_dir": str(run_dir), "history": []}
         metrics.update({f"start_{k}": v for k, v in start.items()})
 
     replace_layers(model, cfg.model.targets, kind, budget, **options)
@@ -91,7 +91,7 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics, logger)
         history = outcome["history"]
         if not outcome["completed"]:
-            return {"completed": False, "run_dir": str(run_dir), "history": history}
+            return {"completed": False, "resumable": True, "run_dir": str(run_dir), "history": history}
 
     result = {
         "model": cfg.model.name, "data": cfg.data.name, "weight": kind, "budget": budget, "seed": cfg.seed,
