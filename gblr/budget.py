@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from gblr.layers import GBLRLinear
-from gblr.layers.gaudi import hard_widths
-from gblr.layers.gblr import component_macs, structure_macs
+from gblr.layers.projection import project, width_prices
 from gblr.structure_optim import check_structure_optimizer, structure_groups
 
 BUDGET_MODES = ("global", "uniform", "penalty")
@@ -31,58 +30,6 @@ def check_mode(mode: str) -> str:
 
 def gblr_layers(model: nn.Module) -> list[GBLRLinear]:
     return [m for m in model.modules() if isinstance(m, GBLRLinear)]
-
-
-def width_prices(widths: torch.Tensor, sizes: torch.Tensor, ranks) -> torch.Tensor:
-    """(2, C) float64 MACs per unit of normalized width: r * n_axis, and 0 for both widths of a
-    component that costs 0 already (an axis at 0 whole elements): shrinking those saves nothing and
-    would only stop the component from ever regrowing. ``widths`` (2, C) as the parameters hold them."""
-    a, b = hard_widths(widths, sizes)
-    free = component_macs(a, b, ranks) == 0
-    return torch.where(free, 0.0, (sizes * ranks).double())
-
-
-def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, fill: bool = False,
-            rounds: int = 4, grid: int = 64) -> tuple[torch.Tensor, float]:
-    """(new widths, tau): widths (2, C) soft-thresholded by tau * ``width_prices`` with the smallest
-    tau that brings their cost within ``max_macs`` MACs per token; float64, clamped to [0, 1].
-
-    Over budget, tau > 0 cuts. Within budget, tau = 0 leaves the widths alone, unless ``fill``:
-    then tau < 0 grows the costing widths by the same rule until the budget is used (as far as
-    whole elements allow), so that noise in the widths' steps, clamped at full width, cannot drift
-    the model below its budget. The cost is counted as ``macs_per_token`` counts it, on the widths
-    cast to ``widths.dtype``. tau is found on a ``grid`` refined ``rounds`` times (a vectorized
-    bisection). Components that cost 0 stay as they are whatever tau, so a cut to every priced
-    width at 0 is always feasible; a component that the cut leaves with both widths at 0 keeps one
-    output element, at no cost: with both at 0 no gradient reaches it again.
-    """
-    dtype, sizes = widths.dtype, sizes.to(widths.device)
-    w = widths.detach().double().clamp(0, 1)
-
-    def cost(candidates: torch.Tensor) -> torch.Tensor:  # (T, 2, C) widths -> (T,) MACs
-        return structure_macs(candidates.to(dtype), sizes, ranks)
-
-    prices = width_prices(w.to(dtype), sizes, ranks)
-    priced = prices > 0
-    within = int(cost(w[None])[0]) <= max_macs
-    if not priced.any() or (within and not fill):
-        return w, 0.0
-    if within:  # lo: every priced width at 1 (feasible or not), hi = 0: feasible
-        lo, hi = -float(((1 - w[priced]) / prices[priced]).max()) * 1.001 - 1e-12, 0.0
-        if int(cost((w - lo * prices).clamp(0, 1)[None])[0]) <= max_macs:
-            return (w - lo * prices).clamp(0, 1), lo
-    else:  # lo = 0: infeasible, hi: every priced width at 0, feasible
-        lo, hi = 0.0, float((w[priced] / prices[priced]).max()) * 1.001 + 1e-12
-    for _ in range(rounds):
-        taus = torch.linspace(lo, hi, grid + 1, dtype=torch.float64, device=w.device)[1:]
-        ok = cost((w - taus[:, None, None] * prices).clamp(0, 1)) <= max_macs
-        first = int(ok.long().argmax())  # the cost falls with tau, and hi is feasible
-        lo, hi = (float(taus[first - 1]) if first else lo), float(taus[first])
-    new = (w - hi * prices).clamp(0, 1)
-    a, b = hard_widths(new.to(dtype), sizes)
-    dead = (a == 0) & (b == 0) & (prices[0] > 0)
-    new[0] = torch.where(dead, 1.0 / sizes[0].double(), new[0])
-    return new, hi
 
 
 def _flat(layers: list[GBLRLinear]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

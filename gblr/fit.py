@@ -39,7 +39,7 @@ import math
 import torch
 
 from gblr import layers
-from gblr.budget import project
+from gblr.layers.projection import project
 from gblr.layers.base import relative_error
 from gblr.layers.gaudi import gaudi_mask, hard_widths
 from gblr.layers.gblr import GBLRLinear, component_macs, structure_macs, svd_components
