@@ -15,7 +15,8 @@ MACs and would only kill the component (with both widths at 0 no gradient reache
 import torch
 from torch import nn
 
-from gblr.layers import GBLRLinear
+from gblr.layers import GBLRLinear, component_macs
+from gblr.layers.gaudi import boxcar
 from gblr.layers.projection import project, width_prices
 from gblr.structure_optim import check_structure_optimizer, structure_groups
 
@@ -50,16 +51,31 @@ def _write_back(layers: list[GBLRLinear], widths: torch.Tensor) -> None:
 
 def project_widths(layers: list[GBLRLinear], max_macs: float, fill: bool = False) -> float:
     """Project the widths of ``layers`` onto {summed MACs per token <= ``max_macs``} (``project``;
-    with ``fill``, onto the budget itself): one tau for all of them, so the layers compete for one
-    total; returns tau (0 when nothing changed). Widths clamped to [0, 1] and locations wrapped into
-    [0, 1) in any case."""
+    with ``fill``, onto the budget itself, free components taking what the costing widths cannot
+    spend, the most useful first: ``component_scores``): one tau for all of them, so the layers
+    compete for one total; returns tau (0 when nothing changed). Widths clamped to [0, 1] and
+    locations wrapped into [0, 1) in any case."""
     layers = list(layers)
     if not layers:
         return 0.0
     widths, sizes, ranks = _flat(layers)
-    new, tau = project(widths, sizes, ranks, max_macs, fill)
+    new, tau = project(widths, sizes, ranks, max_macs, fill, scores=component_scores(layers) if fill else None)
     _write_back(layers, new)
     return tau
+
+
+def component_scores(layers: list[GBLRLinear]) -> torch.Tensor:
+    """(C,) over all components: the share of its layer's energy a component holds at full width
+    (||U_k||^2 ||V_k||^2 over the layer's sum; for components from the SVD, its squared singular
+    value's share), per MAC of a whole component. Free components are activated in this order: a
+    unitless value per MAC, so layers of different scales and shapes compare."""
+    scores = []
+    with torch.no_grad():
+        for layer in layers:
+            energy = layer.U.detach().double().square().sum((1, 2)) * layer.V.detach().double().square().sum((1, 2))
+            cost = min(layer.rank * (layer.in_features + layer.out_features), layer.in_features * layer.out_features)
+            scores.append(energy.cpu() / energy.sum().clamp_min(1e-30).cpu() / cost)
+    return torch.cat(scores)
 
 
 def soft_threshold_widths(layers: list[GBLRLinear], tau: float) -> None:
@@ -103,37 +119,58 @@ class Budget:
     Widths and locations train without weight decay at ``structure_lr``, stepped as
     ``structure_optimizer`` says (``gblr.structure_optim``: the paper's per-coordinate Adam, or
     ``shared_adam``, whose step keeps the gradients' relative sizes).
-    The model is within budget from construction on (conversion options that fix the structure,
-    ``rank_ratio``, may start above a global budget), and on it after every step: a model below
-    its budget grows back to it (``project``'s ``fill``), except in penalty mode.
+    ``learn=False`` (or ``structure_lr`` 0) freezes the structure where the conversion and the
+    budget put it: widths and locations get no gradient and no step, nothing projects them again
+    (the ablation of the method's learned structure).
+    ``anneal`` {start, steps}: the budget starts at ``start`` (of dense MACs, >= budget; the
+    conversion is made at it) and decays geometrically to ``budget`` over ``steps`` optimizer steps,
+    so the projection cuts the structure gradually while the weights adapt.
+    The model is on its budget from construction on (conversion options that fix the structure,
+    ``rank_ratio``, may start above a global budget; free components take what the conversion
+    left unspent), and on it after every step: a model below its budget grows back to it
+    (``project``'s ``fill``), except in penalty mode. ``moved_share`` reports how much of the
+    structure's MACs moved since the start.
     """
 
     def __init__(self, model: nn.Module, budget: float, mode: str = "global", penalty: float = 0.0,
                  sigma: float | None = None, sigma_schedule: dict | None = None, structure_lr: float = 1e-3,
-                 structure_optimizer: str = "shared_adam"):
+                 structure_optimizer: str = "shared_adam", learn: bool = True, anneal: dict | None = None):
         self.mode = check_mode(mode)
-        self.layers = gblr_layers(model)
+        named = [(name, m) for name, m in model.named_modules() if isinstance(m, GBLRLinear)]
+        self.names, self.layers = [name for name, _ in named], [m for _, m in named]
         self.budget, self.penalty = budget, penalty
         self.sigma, self.sigma_schedule, self.structure_lr = sigma, sigma_schedule, structure_lr
         self.structure_optimizer = check_structure_optimizer(structure_optimizer)
-        self.max_macs = budget * sum(layer.dense_macs_per_token() for layer in self.layers)
-        self.enforce(fill=False)  # the conversion's structure is the start, once within budget
+        self.learn = learn and structure_lr > 0
+        self.dense_macs = sum(layer.dense_macs_per_token() for layer in self.layers)
+        self.anneal = dict(anneal) if anneal else None
+        self.steps = 0
+        self.current = self.anneal["start"] if self.anneal else budget
+        for layer in self.layers:
+            layer.widths.requires_grad_(self.learn)
+            layer.locations.requires_grad_(self.learn)
+        self.enforce()  # the conversion's structure, on the budget
+        self.start = [(layer.widths.detach().clone(), layer.locations.detach().clone()) for layer in self.layers]
+
+    @property
+    def max_macs(self) -> float:
+        return self.current * self.dense_macs
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in (layer.widths, layer.locations)]
 
     def param_groups(self) -> list[dict]:
-        """The optimizer groups of the widths and locations (empty without GBLR layers)."""
+        """The optimizer groups of the widths and locations (empty without GBLR layers or when frozen)."""
         named = [(name, p) for layer in self.layers for name, p in (("widths", layer.widths),
                                                                      ("locations", layer.locations))]
-        return structure_groups(named, self.structure_lr, self.structure_optimizer) if named else []
+        return structure_groups(named, self.structure_lr, self.structure_optimizer) if named and self.learn else []
 
     def enforce(self, fill: bool = True) -> None:
         """Bring the layers onto the budget (global or per layer, by the mode); with ``fill`` a
         model below it grows back to it (not in penalty mode, where the penalty decides)."""
         fill = fill and self.mode != "penalty"
         if self.mode == "uniform":
-            uniform_project_widths(self.layers, self.budget, fill)
+            uniform_project_widths(self.layers, self.current, fill)
         else:
             project_widths(self.layers, self.max_macs, fill)
 
@@ -147,17 +184,65 @@ class Budget:
         for layer in self.layers:
             layer.sigma = sigma
 
-    def after_step(self, lr_factor: float) -> None:
+    def after_step(self, lr_factor: float, step: int | None = None) -> None:
+        """Project after optimizer step ``step`` (counted from 1 over the whole training; by default
+        this object's own count, which a resumed run would restart)."""
+        if not self.learn:
+            return
+        self.steps = self.steps + 1 if step is None else step
+        if self.anneal:
+            progress = min(1.0, self.steps / max(1, self.anneal["steps"]))
+            self.current = self.anneal["start"] * (self.budget / self.anneal["start"]) ** progress
         if self.mode == "penalty":
             shrink_widths(self.layers, self.penalty * self.structure_lr * lr_factor)
         else:
             self.enforce()
 
     def epoch_metrics(self) -> dict:
-        return {"replaced_macs_per_token": sum(layer.macs_per_token() for layer in self.layers)} if self.layers else {}
+        if not self.layers:
+            return {}
+        return {"replaced_macs_per_token": sum(layer.macs_per_token() for layer in self.layers),
+                "moved_share": self.moved()[0]}
+
+    def moved(self) -> tuple[float, list[float]]:
+        """(total, per layer): the share of the structure's MACs whose (row, column) cells were not
+        the component's at the start. A component's MACs count as moved in the proportion of its
+        block's cells outside its start block (all of them for a component that was free at the
+        start); the shares are weighted by the MACs each component costs now."""
+        moved_macs, layer_shares, total = 0.0, [], 0.0
+        with torch.no_grad():
+            for layer, (widths0, locations0) in zip(self.layers, self.start):
+                macs, moved = moved_macs_of(layer, widths0, locations0)
+                layer_shares.append(moved / macs if macs else 0.0)
+                moved_macs, total = moved_macs + moved, total + macs
+        return (moved_macs / total if total else 0.0), layer_shares
+
+    def report(self) -> dict:
+        """The ``structure`` block of results.json: whether it learned, the moved share of its MACs
+        (total and per layer) and the components' states summed over the layers."""
+        total, shares = self.moved()
+        states = [layer.component_states() for layer in self.layers]
+        return {"learned": self.learn, "moved_share": total,
+                "moved_share_per_layer": dict(zip(self.names, shares)),
+                "components": {key: sum(state[key] for state in states) for key in ("active", "placeholder", "dead")}}
 
     def finish(self) -> None:
-        """Hard masks, and the budget met exactly whatever the mode."""
+        """Hard masks, and the budget met exactly whatever the mode (a frozen structure stays as it is)."""
         for layer in self.layers:
             layer.sigma = None
-        self.enforce()
+        self.current = self.budget
+        if self.learn:
+            self.enforce()
+
+
+def moved_macs_of(layer: GBLRLinear, widths0: torch.Tensor, locations0: torch.Tensor) -> tuple[float, float]:
+    """(MACs per token now, of which moved): each component's MACs times the share of its block's
+    cells (hard intervals, rows x columns) that lie outside its block at ``widths0``/``locations0``."""
+    now = [boxcar(layer.widths[axis], layer.locations[axis], n)
+           for axis, n in enumerate((layer.out_features, layer.in_features))]
+    then = [boxcar(widths0[axis], locations0[axis], n) for axis, n in enumerate((layer.out_features, layer.in_features))]
+    area = now[0].sum(-1) * now[1].sum(-1)
+    kept = (now[0] * then[0]).sum(-1) * (now[1] * then[1]).sum(-1)
+    macs = component_macs(*layer.hard_structure(), layer.rank).double().cpu()
+    share = torch.where(area > 0, 1 - kept / area.clamp_min(1), torch.zeros_like(area)).double().cpu()
+    return float(macs.sum()), float((macs * share).sum())

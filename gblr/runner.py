@@ -80,14 +80,18 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
             return {"completed": False, "resumable": False, "run_dir": str(run_dir), "history": []}
         metrics.update({f"start_{k}": v for k, v in start.items()})
 
-    replace_layers(model, cfg.model.targets, kind, budget, **options)
+    anneal = structure_anneal(cfg, budget, None if cfg.dry_run else len(task.train_set))
+    replace_layers(model, cfg.model.targets, kind, anneal["start"] if anneal else budget, **options)
     model.to(device)
     keeper = Budget(model, budget, mode=cfg.weight.get("budget_mode", "global"),
                     penalty=cfg.weight.get("penalty", 0.0), sigma=cfg.weight.get("sigma"),
                     sigma_schedule=plain(cfg.weight.get("sigma_schedule")) or None,
-                    structure_lr=cfg.train.structure_lr or cfg.train.lr,
-                    structure_optimizer=cfg.train.structure_optimizer)
-    if not cfg.dry_run:
+                    structure_lr=cfg.train.lr if cfg.train.structure_lr is None else cfg.train.structure_lr,
+                    structure_optimizer=cfg.train.structure_optimizer,
+                    learn=cfg.weight.get("learn_structure", True), anneal=anneal)
+    if cfg.dry_run:
+        keeper.finish()  # the structure's cost at the end of training: the budget's
+    else:
         outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics, logger)
         history = outcome["history"]
         if not outcome["completed"]:
@@ -98,6 +102,7 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         "start_seed": cfg.start.seed, "metric": task.metric, "dry_run": bool(cfg.dry_run),
         "data_description": task.info["description"] if task.info else None, "weights": weights,
         "metrics": metrics, "flops": flop_report(model, task.flop_tokens), "layers": per_layer_report(model),
+        "structure": keeper.report() if keeper.layers else None,
         "history": history, "world_size": distributed.world_size(), "time_s": round(time.time() - start_time, 2),
         "versions": versions(), "config": plain(cfg), "identity": identity(cfg), "completed": True,
     }
@@ -118,6 +123,17 @@ def weight_and_budget(cfg) -> tuple[str, float]:
         log.info(f"weight=dense ignores budget={budget}: dense layers cost in * out MACs (budget recorded as 1)")
         budget = 1.0
     return kind, budget
+
+
+def structure_anneal(cfg, budget: float, train_size: int | None) -> dict | None:
+    """weight.anneal {start, epochs} as the budget's {start, steps}: the conversion is made at
+    ``start`` of dense MACs and the budget decays to ``budget`` over ``epochs`` of optimizer steps.
+    None when unset (GBLR's structure starts at the budget)."""
+    anneal = plain(cfg.weight.get("anneal")) or None
+    if anneal is None:
+        return None
+    steps_per_epoch = 1 if train_size is None else max(1, train_size // cfg.train.batch_size)
+    return {"start": max(float(anneal["start"]), budget), "steps": round(anneal["epochs"] * steps_per_epoch)}
 
 
 def conversion_options(cfg) -> dict:

@@ -45,9 +45,11 @@ def structure_groups(named: list[tuple[str, torch.Tensor]], lr: float, optimizer
     "adam": one group in the given order, per-coordinate AdamW with ``betas`` (the paper's).
     "shared_adam": the widths in one group with a shared normalizer (``shared_norm``) and
     ``width_betas``, the locations in another, per-coordinate with ``betas`` as with "adam".
+    Every group has ``clip=False``: the training loop's gradient clipping leaves it out (clipped
+    together, the structure's gradients would rescale the weights' steps).
     """
     check_structure_optimizer(optimizer)
-    common = {"lr": lr, "weight_decay": 0.0, "betas": betas}
+    common = {"lr": lr, "weight_decay": 0.0, "betas": betas, "clip": False}
     if optimizer == "adam":
         return [{"params": [p for _, p in named], **common}]
     widths = [p for name, p in named if name.rsplit(".", 1)[-1] == "widths"]

@@ -130,10 +130,11 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
     num_workers, stop_after, max_bad_steps, log_every (configs/config.yaml: train).
     groups: AdamW parameter groups (``param_groups`` plus any owner's own; a group with
     ``shared_norm`` is stepped by ``gblr.structure_optim.SharedNormAdamW``); each group's lr follows
-    the schedule as a factor of the lr it starts with.
+    the schedule as a factor of the lr it starts with. ``clip_grad`` clips the gradient norm of the
+    groups without ``clip=False`` (the GBLR structure's groups have it: Adam normalizes their steps).
     loss_fn(model, batch) -> scalar loss; evaluate(model) -> dict of metrics.
-    hooks: objects with any of ``start_epoch(epoch, epochs)``, ``after_step(lr_factor)`` (after
-    every optimizer step) and ``epoch_metrics() -> dict`` (merged into the epoch's metrics); the
+    hooks: objects with any of ``start_epoch(epoch, epochs)``, ``after_step(lr_factor, step)`` (after
+    every optimizer step; step counts them from the start of training, a resumed run included) and ``epoch_metrics() -> dict`` (merged into the epoch's metrics); the
     GBLR budget (``gblr.budget.Budget``) is one.
     checkpoint: written atomically after every epoch, and mid-epoch on SIGTERM / SIGUSR1 (then
     training returns with preempted=True); with ``resume`` an existing one is loaded and
@@ -163,6 +164,9 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
     for group in groups:
         group["base_lr"] = group["lr"]
     optimizer = build_optimizer(groups, betas=(0.9, 0.999))
+    # clip_grad bounds the norm of the weights' gradients only: a group with clip=False (the GBLR
+    # widths and locations) is left out, so its gradients cannot rescale the weights' steps.
+    clipped = [p for group in groups if group.get("clip", True) for p in group["params"]]
     amp_dtype = autocast_dtype(g("amp", "auto"), device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     steps_per_epoch = len(train_set) // batch_size
@@ -256,13 +260,13 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
                     group["lr"] = group["base_lr"] * factor
                 if g("clip_grad"):
                     scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), g("clip_grad"))
+                    nn.utils.clip_grad_norm_(clipped, g("clip_grad"))
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                call(hooks, "after_step", factor)
-                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
                 step = epoch * steps_per_epoch + step_in_epoch + 1
+                call(hooks, "after_step", factor, step)
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
                 if step % log_every == 0:
                     window = {"train/loss": window_loss / window_count if window_count else math.nan,
                               "train/lr": optimizer.param_groups[0]["lr"],

@@ -49,7 +49,8 @@ LOOP = {"epochs": integer(1), "batch_size": integer(1), "grad_accum": integer(1)
 RULES = {
     "seed": integer(0), "dry_run": boolean(), "resume": boolean(), "fresh": boolean(),
     **{f"train.{k}": rule for k, rule in LOOP.items() if k != "seed"},
-    "train.structure_lr": optional(number(0, True)), "train.eval_batch_size": integer(1),
+    "train.structure_lr": optional(number(0, False)), "weight.learn_structure": boolean(),
+    "weight.anneal.start": number(0, True), "weight.anneal.epochs": number(0, False), "train.eval_batch_size": integer(1),
     "train.stop_after": optional(integer(1)), "train.max_bad_steps": integer(0), "train.log_every": integer(1),
     **{f"start.{k}": rule for k, rule in LOOP.items()},
     "data.block_size": integer(1), "data.img_size": integer(1), "data.vocab_size": integer(2),
@@ -64,6 +65,11 @@ def check_config(cfg) -> None:
         if present and not check(value):
             raise ValueError(f"{key} must be {allowed}, got {value!r}")
     check_budget(cfg.budget)
+    anneal = cfg.weight.get("anneal")
+    if anneal is not None and not (hasattr(anneal, "keys") and set(anneal.keys()) == {"start", "epochs"}
+                                   and float(cfg.budget) <= anneal.start <= 1):
+        raise ValueError(f"weight.anneal must be null or {{start, epochs}} with budget ({cfg.budget}) <= start <= 1, "
+                         f"got {anneal!r}")
     layer_class(cfg.weight.kind)
     check_mode(cfg.weight.get("budget_mode", "global"))
     check_structure_optimizer(cfg.train.structure_optimizer)

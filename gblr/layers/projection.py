@@ -20,7 +20,7 @@ def width_prices(widths: torch.Tensor, sizes: torch.Tensor, ranks) -> torch.Tens
 
 
 def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, fill: bool = False,
-            rounds: int = 4, grid: int = 64) -> tuple[torch.Tensor, float]:
+            rounds: int = 4, grid: int = 64, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """(new widths, tau): widths (2, C) soft-thresholded by tau * ``width_prices`` with the smallest
     tau that brings their cost within ``max_macs`` MACs per token; float64, clamped to [0, 1].
 
@@ -31,7 +31,10 @@ def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, f
     cast to ``widths.dtype``. tau is found on a ``grid`` refined ``rounds`` times (a vectorized
     bisection). Components that cost 0 stay as they are whatever tau, so a cut to every priced
     width at 0 is always feasible; a component that the cut leaves with both widths at 0 keeps one
-    output element, at no cost: with both at 0 no gradient reaches it again.
+    output element, at no cost: with both at 0 no gradient reaches it again. With ``fill`` and
+    ``scores`` (C,), budget that growing the costing widths cannot spend (they are all at full
+    width) goes to free components (``activate``), so the result is on the budget to within less
+    than one component's cost.
     """
     dtype, sizes = widths.dtype, sizes.to(widths.device)
     w = widths.detach().double().clamp(0, 1)
@@ -42,12 +45,19 @@ def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, f
     prices = width_prices(w.to(dtype), sizes, ranks)
     priced = prices > 0
     within = int(cost(w[None])[0]) <= max_macs
-    if not priced.any() or (within and not fill):
+    if within and not fill:
+        return w, 0.0
+    if within and scores is not None and not priced.any():
+        return activate(w, sizes, ranks, max_macs - float(cost(w[None])[0]), scores, dtype), 0.0
+    if not priced.any():
         return w, 0.0
     if within:  # lo: every priced width at 1 (feasible or not), hi = 0: feasible
         lo, hi = -float(((1 - w[priced]) / prices[priced]).max()) * 1.001 - 1e-12, 0.0
-        if int(cost((w - lo * prices).clamp(0, 1)[None])[0]) <= max_macs:
-            return (w - lo * prices).clamp(0, 1), lo
+        full = (w - lo * prices).clamp(0, 1)
+        if int(cost(full[None])[0]) <= max_macs:
+            if scores is not None:
+                full = activate(full, sizes, ranks, max_macs - float(cost(full[None])[0]), scores, dtype)
+            return full, lo
     else:  # lo = 0: infeasible, hi: every priced width at 0, feasible
         lo, hi = 0.0, float((w[priced] / prices[priced]).max()) * 1.001 + 1e-12
     for _ in range(rounds):
@@ -60,3 +70,34 @@ def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, f
     dead = (a == 0) & (b == 0) & (prices[0] > 0)
     new[0] = torch.where(dead, 1.0 / sizes[0].double(), new[0])
     return new, hi
+
+
+def activate(widths: torch.Tensor, sizes: torch.Tensor, ranks, room: float, scores: torch.Tensor,
+             dtype=torch.float32) -> torch.Tensor:
+    """Spend ``room`` MACs per token on free components (cost 0: one axis at 0 whole elements), in
+    descending ``scores`` (C,): each becomes a whole component (both widths 1) while one fits, else
+    the part that fits: its shorter axis whole and as much of the other as the room pays for
+    (at rank r a block a x b costs r (a + b) once that is below a b). Free components that do not
+    fit are skipped, so a smaller layer's may still take what remains; what is left at the end is
+    less than the cost of any free component's smallest useful part. Returns new (2, C) widths."""
+    w = widths.clone()
+    a, b = hard_widths(w.to(dtype), sizes)
+    ranks = torch.as_tensor(ranks).expand(w.shape[1])
+    free = component_macs(a, b, ranks) == 0
+    for k in scores.argsort(descending=True).tolist():
+        if room < 1:
+            break
+        if not free[k]:
+            continue
+        n_out, n_in, r = int(sizes[0, k]), int(sizes[1, k]), int(ranks[k])
+        whole = min(r * (n_out + n_in), n_out * n_in)
+        if whole <= room:
+            w[:, k], room = 1.0, room - whole
+            continue
+        short = 0 if n_out <= n_in else 1
+        n_short, n_long = (n_out, n_in) if short == 0 else (n_in, n_out)
+        part = int(room // r) - n_short  # r (n_short + part) <= room
+        if part >= 1:
+            w[short, k], w[1 - short, k] = 1.0, part / n_long
+            room -= min(r * (n_short + part), n_short * part)
+    return w
