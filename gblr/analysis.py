@@ -91,13 +91,27 @@ def metric_of(result: dict) -> str | None:
 
 
 def budget_mode(result: dict) -> str:
-    """How a GBLR run spread its budget over layers (default "global"), with ", fit init" when it
-    started from the budgeted fit; "-" for the other weights."""
-    if result["weight"] != "gblr":
-        return "-"
+    """The arm of a run beside its weight type and budget, e.g. "global, frozen" or "calibrated": for
+    GBLR how it spread its budget over layers (default "global"), then "frozen" when its structure
+    did not learn, "fit init" when it started from the budgeted fit, "annealed from X" when its
+    budget was cut from X while it trained; for every type "global ranks" when the ranks were
+    allocated model-wide and "calibrated" when the projection saw the data; "-" for a plain run."""
     weight = result.get("config", {}).get("weight", {})
-    fit = (weight.get("options") or {}).get("init") == "fit"
-    return weight.get("budget_mode", "global") + (", fit init" if fit else "")
+    train = result.get("config", {}).get("train", {})
+    parts = []
+    if result["weight"] == "gblr":
+        parts.append(weight.get("budget_mode", "global"))
+        if weight.get("learn_structure") is False or train.get("structure_lr") == 0:
+            parts.append("frozen")
+        if (weight.get("options") or {}).get("init") == "fit":
+            parts.append("fit init")
+        if weight.get("anneal"):
+            parts.append(f"annealed from {weight['anneal']['start']:g}")
+    if weight.get("allocation", "uniform") == "global":
+        parts.append("global ranks")
+    if (weight.get("calibration") or {}).get("batches"):
+        parts.append("calibrated")
+    return ", ".join(parts) or "-"
 
 
 def row_key(result: dict) -> tuple:
@@ -132,13 +146,20 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def mean_of(values: list) -> float | None:
+    """The mean, or None when any value is missing (a run that does not record it)."""
+    return None if not values or None in values else statistics.fmean(values)
+
+
 def aggregate(results: list[dict], reference: list[dict]) -> tuple[list[dict], dict]:
     """(rows, starts): one row per row_key, sorted; starts[(model, data)]: the dense start's row.
 
     A row holds the metric's mean and std over seeds ("mean", "std"), the relative MACs of each
     convention averaged over seeds ("flops_replaced", "flops_model", "flops_paper"; fractions of
     dense), MACs per example ("macs", "dense_macs") and the matching paper entry of ``reference``
-    ("paper", "paper_value", "paper_setting"; None where none matches).
+    ("paper", "paper_value", "paper_setting"; None where none matches), the metric right after the
+    conversion, before fine-tuning ("converted") and GBLR's moved share of its structure's MACs
+    ("moved_share"), each a mean over seeds or None where a run lacks it.
     """
     by_key = defaultdict(list)
     for r in results:
@@ -154,7 +175,9 @@ def aggregate(results: list[dict], reference: list[dict]) -> tuple[list[dict], d
                      "flops_model": statistics.fmean(r["flops"]["model"] for r in runs),
                      "flops_paper": None if None in paper else statistics.fmean(paper),
                      "macs": round(statistics.fmean(r["flops"]["macs"] for r in runs)),
-                     "dense_macs": runs[0]["flops"]["dense_macs"], "eval_mode": runs[0]["metrics"].get("eval_mode")})
+                     "dense_macs": runs[0]["flops"]["dense_macs"], "eval_mode": runs[0]["metrics"].get("eval_mode"),
+                     "converted": mean_of([r["metrics"].get(f"converted_{metric}") for r in runs]),
+                     "moved_share": mean_of([(r.get("structure") or {}).get("moved_share") for r in runs])})
     rows.sort(key=lambda r: (r["model"], r["data"], WEIGHTS.index(r["weight"]) if r["weight"] in WEIGHTS else 9,
                              MODES.index(r["budget_mode"]) if r["budget_mode"] in MODES else 9, r["budget"]))
     starts = {}
@@ -208,19 +231,17 @@ def paired_differences(results: list[dict], reference: str = "lowrank") -> list[
 
     One row per comparison and metric (the run's metric, and the validation NLL where runs hold
     one): the mean difference (arm - reference), its 95% t-interval, the number of pairs and a
-    verdict, "better" / "worse" where the interval excludes 0, else "no difference shown". GBLR's
-    global budget is also compared with its uniform ablation. Comparisons with fewer than 2 pairs
-    are left out.
+    verdict, "better" / "worse" where the interval excludes 0, else "no difference shown". The
+    ablations are compared too (``extra_comparisons``). Comparisons with fewer than 2 pairs are
+    left out.
     """
     arms = defaultdict(lambda: defaultdict(dict))  # (model, data, budget) -> (weight, mode) -> pair -> metrics
     for r in results:
         arms[r["model"], r["data"], float(r["budget"])][r["weight"], budget_mode(r)][start_seed(r), r["seed"]] = r["metrics"]
     rows = []
     for (model, data, budget), by_arm in arms.items():
-        comparisons = [(arm, ref) for ref in by_arm if ref[0] == reference for arm in by_arm if arm[0] != reference]
-        for arm, ref in ((("gblr", "global"), ("gblr", "uniform")), (("gblr", "global, fit init"), ("gblr", "global"))):
-            if arm in by_arm and ref in by_arm:
-                comparisons.append((arm, ref))
+        comparisons = [(arm, (reference, "-")) for arm in by_arm if arm != (reference, "-")] + extra_comparisons(by_arm)
+        comparisons = [(arm, ref) for arm, ref in dict.fromkeys(comparisons) if arm in by_arm and ref in by_arm]
         for arm, ref in comparisons:
             pairs = sorted(set(by_arm[arm]) & set(by_arm[ref]))
             metrics = [m for m in (*METRICS, "nll") if pairs and all(m in by_arm[x][p] for x in (arm, ref) for p in pairs)]
@@ -292,6 +313,21 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer.writerows({k: "" if row.get(k) is None else row[k] for k in columns} for row in rows)
 
 
+def extra_comparisons(arms) -> list[tuple[tuple, tuple]]:
+    """The ablation pairs among ``arms`` ((weight, variant) keys): GBLR's global budget against its
+    uniform ablation, learned against frozen structure, from the fit against from the low-rank
+    start, and every calibrated arm against the same arm plain."""
+    pairs = [(("gblr", "global"), ("gblr", "uniform")), (("gblr", "global"), ("gblr", "global, frozen")),
+             (("gblr", "global, fit init"), ("gblr", "global"))]
+    for weight, variant in arms:
+        if variant.endswith("calibrated"):
+            plain = variant.removesuffix("calibrated").rstrip(", ") or "-"
+            pairs.append(((weight, variant), (weight, plain)))
+        if variant.startswith("global, annealed"):
+            pairs.append(((weight, variant), ("gblr", "global")))
+    return pairs
+
+
 def paired_table(paired: list[dict]) -> list[str]:
     """Markdown lines of ``paired_differences`` rows (one model/data)."""
     lines = ["| budget | weight | against | metric | pairs | difference, mean [95% CI] | verdict |", "|---|---|---|---|---|---|---|"]
@@ -315,15 +351,18 @@ def markdown(rows, starts, results, skipped, settings, figures, paired=()) -> st
         runs = [r for r in results if (r["model"], r["data"]) == (model, data)]
         table = ([starts[model, data]] if (model, data) in starts else []) + group
         with_paper = any(r["paper"] for r in table)
-        head = ["weight", "budget mode", "budget", "rel. MACs replaced", "rel. MACs model", "rel. MACs paper",
-                METRICS[group[0]["metric"]].replace("validation ", ""), "seeds"] + ["paper"] * with_paper
+        head = ["weight", "variant", "budget", "rel. MACs replaced", "rel. MACs model", "rel. MACs paper",
+                METRICS[group[0]["metric"]].replace("validation ", ""), "before fine-tuning", "moved", "seeds"] \
+            + ["paper"] * with_paper
         lines += [f"## {model} on {data}", "", runs[0].get("data_description") or "", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in table:
             start = r is starts.get((model, data))
             cells = ["dense start" if start else r["weight"], r["budget_mode"].replace("-", "–"),
                      "–" if start else f"{r['budget']:g}", f"{r['flops_replaced']:.3f}", f"{r['flops_model']:.3f}",
-                     "–" if r["flops_paper"] is None else f"{r['flops_paper']:.4f}", show(r["mean"], r["std"]), str(r["n_seeds"])]
+                     "–" if r["flops_paper"] is None else f"{r['flops_paper']:.4f}", show(r["mean"], r["std"]),
+                     "–" if r.get("converted") is None else f"{r['converted']:.2f}",
+                     "–" if r.get("moved_share") is None else f"{r['moved_share']:.3f}", str(r["n_seeds"])]
             lines.append("| " + " | ".join(cells + [paper_cell(r["paper"])] * with_paper) + " |")
         if mixed := mixed_settings(runs):
             lines += ["", "**Warning: these runs differ in settings other than weight, budget and seed:** " + "; ".join(mixed)]

@@ -139,7 +139,7 @@ def test_write_report_writes_only_the_figures_it_has_data_for(tmp_path):
     assert not (tmp_path / "acc_vs_flops.png").exists()
     assert report["notes"] == ["note: no GBLR run with the global budget: no allocation.png",
                                "note: no GBLR run with the global budget and a checkpoint.pt: no layout.png"]
-    assert "| gblr | global | 0.3 | 0.300 | 0.400 | 0.4400 | 20.50 ± 0.71 | 2 |" in report["markdown"]
+    assert "| gblr | global | 0.3 | 0.300 | 0.400 | 0.4400 | 20.50 ± 0.71 | – | – | 2 |" in report["markdown"]
 
 
 def test_paired_differences_pair_by_start_and_seed_and_give_a_t_interval():
@@ -169,3 +169,22 @@ def test_paired_differences_compare_the_global_budget_with_its_uniform_ablation(
     [row] = paired_differences(runs, "lowrank")
     assert (row["budget_mode"], row["reference"], row["reference_mode"]) == ("global", "gblr", "uniform")
     assert row["mean_difference"] == 0.0 and row["verdict"] == "no difference shown"
+
+
+def test_variants_name_the_ablations_and_are_compared_with_their_plain_arm():
+    from gblr.analysis import budget_mode, paired_differences
+
+    frozen = {"config": {"weight": {"budget_mode": "global", "learn_structure": False}}}
+    calibrated = {"config": {"weight": {"calibration": {"batches": 8}}}}
+    assert budget_mode(result("gblr", **frozen)) == "global, frozen"
+    assert budget_mode(result("gblr", config={"weight": {}, "train": {"structure_lr": 0}})) == "global, frozen"
+    assert budget_mode(result("lowrank", **calibrated)) == "calibrated"
+    assert budget_mode(result("lowrank", config={"weight": {"allocation": "global"}})) == "global ranks"
+    runs = [result("gblr", seed=s, value=10.0 + s) for s in range(3)]
+    runs += [result("gblr", seed=s, value=11.0 + s, **frozen) for s in range(3)]
+    runs += [result("lowrank", seed=s, value=12.0 + s) for s in range(3)]
+    runs += [result("lowrank", seed=s, value=11.5 + s, **calibrated) for s in range(3)]
+    pairs = {(r["weight"], r["budget_mode"], r["reference"], r["reference_mode"]): r["mean_difference"]
+             for r in paired_differences(runs, "lowrank")}
+    assert pairs == {("gblr", "global", "lowrank", "-"): -2.0, ("gblr", "global, frozen", "lowrank", "-"): -1.0,
+                     ("lowrank", "calibrated", "lowrank", "-"): -0.5, ("gblr", "global", "gblr", "global, frozen"): -1.0}

@@ -55,8 +55,11 @@ def test_report_tables_and_figures(sweep, tmp_path):
     assert rows["gblr"]["budget_mode"] == "global" and rows["lowrank"]["budget_mode"] == "-"
 
     table = (out / "results.md").read_text()
-    assert "| weight | budget mode | budget | rel. MACs replaced | rel. MACs model | rel. MACs paper |" in table
-    assert f"| dense start | – | – | 1.000 | 1.000 | – | {start:.2f} | 1 |" in table
+    assert ("| weight | variant | budget | rel. MACs replaced | rel. MACs model | rel. MACs paper | top-1 accuracy (%) "
+            "| before fine-tuning | moved | seeds |") in table
+    assert f"| dense start | – | – | 1.000 | 1.000 | – | {start:.2f} | – | – | 1 |" in table
+    gblr = json.loads((sweep / "gblr-b0.3-s0" / "results.json").read_text())
+    assert f"{gblr['metrics']['converted_top1']:.2f} | {gblr['structure']['moved_share']:.3f} | 1 |" in table
     assert f"| gblr | global | 0.3 | {float(rows['gblr']['flops_replaced']):.3f} |" in table
     assert "Learned GBLR allocation" in table
 
