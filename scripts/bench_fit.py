@@ -25,6 +25,17 @@ Methods, each at <= budget * 64 * 64 MACs:
                  no best-iterate or SVD fallback
     fit          gblr.fit.fit_gblr with its defaults (and each --variant: fit_gblr with those options)
 Columns: relative Frobenius error ||W_hat - W||_F / ||W||_F and MACs used. Writes JSON (--out).
+
+    python scripts/bench_fit.py --vit-b         # time GBLR's fit of all 60 ViT-B/16 target layers
+    python scripts/bench_fit.py --real          # output error, plain vs activation-aware, real layers
+
+--vit-b: the fit (``from_dense("gblr", init="fit")``, --fit-steps, --budgets' first) of q, k, v
+(768x768), fc1 (3072x768) and fc2 (768x3072) of every block of a randomly initialized timm
+vit_base_patch16_224 (--blocks to time fewer): seconds per layer and its relative error.
+--real: the dense starts of the embedded tasks (gpt2_tiny on the pydoc text, vit_tiny on digits; trained
+and cached by ``python run.py``), their target layers' inputs on validation data: the Gram of the first
+half of the sequences (images) calibrates, the relative output error is measured on the other half.
+Per weight type and budget, plain (gram=None) vs aware (gram=calibration Gram).
 """
 import argparse
 import json
@@ -35,6 +46,7 @@ import torch
 
 from gblr.fit import fit_gblr
 from gblr.layers import from_dense, relative_error
+from gblr.layers.whiten import output_error
 
 N = 64
 
@@ -107,6 +119,117 @@ def run_method(method: str, W: torch.Tensor, budget: float, options: dict):
     return {"error": relative_error(layer.to_dense(), W), "macs": macs, "seconds": round(seconds, 2)}
 
 
+def vit_b_layers(blocks: int):
+    """(name, (out, in) weight) of the 60 target layers of a randomly initialized ViT-B/16."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False)
+    for i, block in enumerate(model.blocks[:blocks]):
+        for name, w in zip("qkv", block.attn.qkv.weight.detach().chunk(3)):
+            yield f"blocks.{i}.attn.{name}", w.clone()
+        yield f"blocks.{i}.mlp.fc1", block.mlp.fc1.weight.detach().clone()
+        yield f"blocks.{i}.mlp.fc2", block.mlp.fc2.weight.detach().clone()
+
+
+def bench_vit_b(args, budget: float, options: dict) -> dict:
+    rows = []
+    for name, W in vit_b_layers(args.blocks):
+        t0 = time.perf_counter()
+        layer = from_dense("gblr", W, budget=budget, init="fit", fit_steps=args.fit_steps, **options)
+        rows.append({"layer": name, "shape": list(W.shape), "seconds": round(time.perf_counter() - t0, 2),
+                     "error": layer.projection_error, "macs": layer.macs_per_token(),
+                     "lowrank_error": from_dense("gblr", W, budget=budget).projection_error})
+        print(f"{name:<20} {str(tuple(W.shape)):<12} {rows[-1]['seconds']:7.2f} s  error {rows[-1]['error']:.4f} "
+              f"(low-rank {rows[-1]['lowrank_error']:.4f})", flush=True)
+    for shape in sorted({tuple(r["shape"]) for r in rows}):
+        times = [r["seconds"] for r in rows if tuple(r["shape"]) == shape]
+        print(f"{str(shape):<12} {len(times):3d} layers  {sum(times) / len(times):7.2f} s per layer")
+    print(f"all {len(rows)} layers: {sum(r['seconds'] for r in rows):.1f} s")
+    return {"budget": budget, "fit_steps": args.fit_steps, "threads": args.threads, "options": options, "rows": rows}
+
+
+REAL_SOURCES = [("gpt2_tiny", "pydoc", ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")),
+                ("vit_tiny", "digits", ("attn.qkv", "mlp.fc1", "mlp.fc2"))]
+
+
+def real_layers(model_name: str, data: str, suffixes) -> list:
+    """(name, (out, in) weight, calibration Gram, held-out Gram) of a cached dense start's target
+    layers (timm's fused qkv split into q, k, v, which share their input)."""
+    from gblr.config import compose
+    from gblr.runner import dense_start
+    from gblr.tasks import build_task
+
+    cfg = compose(f"model={model_name}", f"data={data}")
+    task = build_task(cfg, torch.device("cpu"))
+    task.load_data()
+    model, _ = task.build_model(allow_random_fallback=False)
+    if dense_start(cfg, task, model, torch.device("cpu")) is None:
+        raise RuntimeError(f"no dense start for {model_name} on {data}")
+    model.eval()
+    if hasattr(task, "val_tokens"):
+        block = cfg.data.block_size
+        stream = torch.as_tensor(task.val_tokens[: len(task.val_tokens) // block * block].astype("int64"))
+        tokens = stream.view(-1, block)
+        inputs = [tokens[: len(tokens) // 2], tokens[len(tokens) // 2:]]
+    else:
+        images = torch.stack([task.val_set[i][0] for i in range(len(task.val_set))])
+        inputs = [images[: len(images) // 2], images[len(images) // 2:]]
+    modules = {name: m for name, m in model.named_modules() if name.endswith(suffixes)}
+    grams = [{name: 0 for name in modules} for _ in inputs]
+    for half, batch in zip(grams, inputs):
+        def hook(module, args, _output, name=None):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            half[name] = half[name] + x.T @ x
+        handles = [m.register_forward_hook(lambda mod, a, o, n=name: hook(mod, a, o, n)) for name, m in modules.items()]
+        with torch.no_grad():
+            model(batch)
+        for h in handles:
+            h.remove()
+    layers = []
+    for name, m in modules.items():
+        W = m.weight.detach().float()
+        W = W if isinstance(m, torch.nn.Linear) else W.T  # HF Conv1D keeps (in, out)
+        parts = zip("qkv", W.chunk(3)) if name.endswith("qkv") else [("", W)]
+        for part, w in parts:
+            layers.append((f"{model_name}.{name}{'.' + part if part else ''}", w.contiguous(), grams[0][name],
+                           grams[1][name]))
+    return layers
+
+
+REAL_METHODS = {"lowrank": ("lowrank", {}), "monarch": ("monarch", {}), "gblr_lowrank": ("gblr", {}),
+                "gblr_fit": ("gblr", {"init": "fit"})}
+
+
+def bench_real(args, budgets) -> dict:
+    rows = []
+    for model_name, data, suffixes in REAL_SOURCES:
+        for name, W, calibration, held_out in real_layers(model_name, data, suffixes):
+            for budget in budgets:
+                row = {"layer": name, "shape": list(W.shape), "budget": budget}
+                for method, (kind, options) in REAL_METHODS.items():
+                    if "init" in options:
+                        options = {**options, "fit_steps": args.fit_steps}
+                    for mode, gram in (("plain", None), ("aware", calibration)):
+                        layer = from_dense(kind, W, budget=budget, gram=gram, **options)
+                        assert layer.macs_per_token() <= budget * W.numel()
+                        row[f"{method}_{mode}"] = output_error(layer.to_dense(), W, held_out)
+                rows.append(row)
+                print(f"{name:<28} {budget:4.2f} " + " ".join(
+                    f"{m}={row[m + '_plain']:.3f}/{row[m + '_aware']:.3f}" for m in REAL_METHODS), flush=True)
+    print("\nmean held-out relative output error, plain -> aware (aware / plain), over the real layers")
+    print(f"{'budget':>6} " + " ".join(f"{m:>24}" for m in REAL_METHODS))
+    for budget in budgets:
+        sel = [r for r in rows if r["budget"] == budget]
+        cells = []
+        for m in REAL_METHODS:
+            plain = sum(r[m + "_plain"] for r in sel) / len(sel)
+            aware = sum(r[m + "_aware"] for r in sel) / len(sel)
+            cells.append(f"{plain:.3f} -> {aware:.3f} ({aware / plain:.2f})")
+        print(f"{budget:6.2f} " + " ".join(f"{c:>24}" for c in cells))
+    return {"fit_steps": args.fit_steps, "rows": rows}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -116,9 +239,24 @@ def main():
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=JSON options for fit_gblr; adds a method NAME (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="results/bench_fit.json")
+    parser.add_argument("--out", default=None, help="JSON path (default results/bench_fit[_vit_b|_real].json)")
+    parser.add_argument("--vit-b", action="store_true", help="time the fit of every ViT-B/16 target layer")
+    parser.add_argument("--real", action="store_true", help="plain vs activation-aware output error, real layers")
+    parser.add_argument("--blocks", type=int, default=12, help="--vit-b: the first N of ViT-B's 12 blocks")
+    parser.add_argument("--fit-steps", type=int, default=1000)
+    parser.add_argument("--fit-options", default="{}", help="--vit-b: JSON options for fit_gblr, e.g. "
+                        '\'{"patience": null}\'')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.vit_b or args.real:
+        if args.vit_b:
+            budget = float((args.budgets or "0.25").split(",")[0])
+            result = bench_vit_b(args, budget, json.loads(args.fit_options))
+        else:
+            result = bench_real(args, [float(b) for b in (args.budgets or "0.1,0.25,0.5").split(",")])
+        write_json(args.out or f"results/bench_fit_{'vit_b' if args.vit_b else 'real'}.json", result)
+        return
+    args.out = args.out or "results/bench_fit.json"
     budgets = [float(b) for b in (args.budgets or ("0.25" if args.quick else "0.25,0.5")).split(",")]
     teachers = args.teachers.split(",") if args.teachers else (QUICK_TEACHERS if args.quick else TEACHERS)
     methods = {m: {} for m in args.methods.split(",") if m}
@@ -137,12 +275,15 @@ def main():
             rows.append(row)
             cells = " ".join(f"{row[m]['error']:7.3f}/{row[m]['macs']:<6d}" for m in names)
             print(f"{budget:6.2f} {name:<15} {exact if exact is not None else '-':>5} {cells}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"methods": methods, "rows": rows}, f, indent=1)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_json(args.out, {"methods": methods, "rows": rows})
+
+
+def write_json(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

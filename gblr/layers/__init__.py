@@ -1,6 +1,8 @@
 """Structured weight layers behind one interface (docs/method.md).
 
-    from_dense(kind, weight, bias=None, budget=1.0, **options)   project a dense (out, in) weight
+    from_dense(kind, weight, bias=None, budget=1.0, gram=None, **options)   project a dense (out, in) weight
+        (gram: the inputs' (in, in) second moment, for the activation-aware projection; GBLR's
+        budgeted fit is init="fit", fit_steps=N)
     build(kind, in_features, out_features, budget, bias, **options)  random init, from scratch
     to_inference(gblr_layer, mode="auto")                         a trained GBLR layer, without W
 

@@ -5,6 +5,8 @@ from numbers import Real
 import torch
 from torch import nn
 
+from .whiten import check_gram, output_error
+
 LAYERS: dict[str, type["StructuredLinear"]] = {}
 
 
@@ -44,7 +46,9 @@ class StructuredLinear(nn.Module):
     Subclasses hold the factors and implement ``apply_weight`` (x (..., in) -> (..., out), no
     bias), ``macs_per_token`` and, as class methods, ``from_dense`` and ``build``.
     ``projection_error`` is the relative Frobenius error of the projection of the dense weight
-    the layer was made from (None for a randomly initialized layer).
+    the layer was made from (None for a randomly initialized layer); ``output_error`` its relative
+    output error on the inputs whose Gram matrix the projection was given (None without one;
+    ``gblr.layers.whiten.output_error``).
     """
 
     kind = "?"
@@ -60,6 +64,7 @@ class StructuredLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.projection_error: float | None = None
+        self.output_error: float | None = None
 
     def apply_weight(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -103,17 +108,26 @@ def check_dense(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
 
 
 def from_dense(kind: str, weight: torch.Tensor, bias: torch.Tensor | None = None, budget: float = 1.0,
-               **options) -> StructuredLinear:
+               gram: torch.Tensor | None = None, **options) -> StructuredLinear:
     """Project a dense (out, in) weight (and optional (out,) bias) onto weight type ``kind``.
 
     ``budget`` in (0, 1] is the layer's target MACs over its dense MACs (in * out). Structure
     options that fix the size explicitly (``rank``, ``nblocks``, ``rank_ratio``) override it.
+    ``gram`` (in, in), the second moment sum x x^T of the layer's inputs, makes the projection
+    minimize the output error tr(E G E^T), E = W - W_hat, instead of ||E||_F (docs/method.md,
+    "Activation-aware projection"); the layer's ``output_error`` then reports it. GBLR's budgeted
+    fit is ``init="fit"`` (with ``fit_steps``; ``gblr.layers.fit``).
     """
     cls = layer_class(kind)
     budget = check_budget(budget)
     check_dense(weight, bias)
+    gram = check_gram(gram, weight.shape[1])
     with torch.no_grad():
-        return cls.from_dense(weight.detach(), None if bias is None else bias.detach(), budget, **options)
+        layer = cls.from_dense(weight.detach(), None if bias is None else bias.detach(), budget, gram=gram,
+                               **options)
+        if gram is not None:
+            layer.output_error = output_error(layer.to_dense(), weight, gram)
+        return layer
 
 
 def build(kind: str, in_features: int, out_features: int, budget: float = 1.0, bias: bool = True,

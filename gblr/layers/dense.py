@@ -30,7 +30,8 @@ class DenseLinear(StructuredLinear):
         return self.weight.detach().clone()
 
     @classmethod
-    def from_dense(cls, weight, bias, budget):
+    def from_dense(cls, weight, bias, budget, gram=None):
+        """The weight itself; ``gram`` changes nothing (the projection is exact)."""
         layer = cls(weight.clone(), bias)
         layer.projection_error = 0.0
         return layer

@@ -18,17 +18,24 @@ from torch.nn import functional as F
 from .base import StructuredLinear, register, relative_error
 from .gaudi import boxcar, gaudi_mask, gaudi_mask_vjp, hard_widths
 from .lowrank import lowrank_rank
+from .whiten import gram_root
 
 
-def svd_components(weight: torch.Tensor, K: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_components(weight: torch.Tensor, K: int, rank: int, whiten: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(U (K, out, r), V (K, r, in)) in ``weight``'s dtype: component k holds the singular triplets
-    k r .. k r + r - 1 of the (out, in) ``weight``, split evenly as U sqrt(S), sqrt(S) V^T."""
+    k r .. k r + r - 1 of the (out, in) ``weight``, split evenly as U sqrt(S), sqrt(S) V^T. With
+    ``whiten`` = (R, R_inv) of ``gram_root``, the triplets of W R, mapped back: V_k R_inv (the
+    whitened SVD of ``svd_split``, component by component)."""
     out_features, in_features = weight.shape
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    w = weight.double() if whiten is None else weight.double() @ whiten[0].to(weight.device)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[: K * rank].sqrt()
     U = (u[:, : K * rank] * root).T.reshape(K, rank, out_features).transpose(1, 2)
-    V = (root[:, None] * vh[: K * rank]).reshape(K, rank, in_features)
-    return U.to(weight.dtype), V.to(weight.dtype)
+    V = root[:, None] * vh[: K * rank]
+    if whiten is not None:
+        V = V @ whiten[1].to(weight.device)
+    return U.to(weight.dtype), V.reshape(K, rank, in_features).to(weight.dtype)
 
 
 def structure_macs(widths: torch.Tensor, sizes, ranks) -> torch.Tensor:
@@ -237,23 +244,32 @@ class GBLRLinear(StructuredLinear):
 
     @classmethod
     def from_dense(cls, weight, bias, budget, K: int | None = None, rank: int = 1, sigma: float | None = None,
-                   init: str = "lowrank", rank_ratio: float | None = None, seed: int = 0):
-        """Components from the SVD of ``weight``: component k holds singular triplets k r .. k r + r - 1.
+                   init: str = "lowrank", rank_ratio: float | None = None, seed: int = 0,
+                   gram: torch.Tensor | None = None, fit_steps: int = 1000):
+        """Components from the SVD of ``weight``: component k holds singular triplets k r .. k r + r - 1
+        (with ``gram``, of the whitened SVD: ``svd_components``).
 
         init="lowrank": the top components at full width, the others at one element of one axis
             and none of the other (cost 0, but their width gradient is non-zero, so they can
             regrow), the output axis for even k and the input axis for odd k, as in the paper's code.
             Their number is the budget's low-rank rank / r, or ``rank_ratio * K`` when given
             (the paper's GPT-2 setting is rank_ratio=0.25).
-        init="fit" (the paper's budgeted fit) needs the budget projection: ``gblr.fit.from_dense``.
+        init="fit": the paper's budgeted fit, ``fit_steps`` steps (``gblr.layers.fit.fit_gblr``; it
+            takes no ``rank_ratio``). ``fit_steps`` is ignored by init="lowrank".
         """
         out_features, in_features = weight.shape
         K = cls._check(in_features, out_features, K, rank)
+        if init == "fit":
+            if rank_ratio is not None:
+                raise ValueError(f"rank_ratio sets init='lowrank''s full-width components; init='fit' fits the "
+                                 f"widths to the budget itself, got rank_ratio={rank_ratio!r}")
+            from .fit import fit_gblr  # the fit builds on this module
+
+            return fit_gblr(weight, bias, budget, K=K, rank=rank, sigma=sigma, seed=seed, gram=gram, steps=fit_steps)
         if init != "lowrank":
-            raise ValueError(f"GBLR init must be 'lowrank' or 'fit', got {init!r} ('fit' runs through "
-                             f"gblr.fit.from_dense)")
+            raise ValueError(f"GBLR init must be 'lowrank' or 'fit', got {init!r}")
         generator = torch.Generator().manual_seed(seed)
-        U, V = svd_components(weight, K, rank)
+        U, V = svd_components(weight, K, rank, None if gram is None else gram_root(gram))
         locations = torch.rand(2, K, generator=generator)
         if rank_ratio is None:
             full = min(K, lowrank_rank(in_features, out_features, budget) // rank)

@@ -6,17 +6,25 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import StructuredLinear, register, relative_error
+from .whiten import gram_root
 
 
-def svd_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_split(weight: torch.Tensor, rank: int, whiten: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factors of an (m, n) matrix: (U sqrt(S) (m, r), sqrt(S) V^T (r, n)).
 
     Computed in float64, returned in the weight's dtype; the split of S is balanced so that both
-    factors have the same scale.
+    factors have the same scale. With ``whiten`` = (R, R_inv) of ``gram_root`` the factors are
+    those of the whitened SVD, U sqrt(S) and sqrt(S) V^T R_inv from the SVD U S V^T of W R: the best
+    rank-r approximation in the output error ||(W - W_hat) R||_F (Eckart-Young on W R).
     """
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    w = weight.double() if whiten is None else weight.double() @ whiten[0].to(weight.device)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[:rank].sqrt()
-    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
+    V = root[:, None] * vh[:rank]
+    if whiten is not None:
+        V = V @ whiten[1].to(weight.device)
+    return (u[:, :rank] * root).to(weight.dtype), V.to(weight.dtype)
 
 
 def lowrank_rank(in_features: int, out_features: int, budget: float) -> int:
@@ -67,10 +75,11 @@ class LowRankLinear(StructuredLinear):
         return rank
 
     @classmethod
-    def from_dense(cls, weight, bias, budget, rank: int | None = None):
-        """``rank`` overrides the budget's rank (e.g. the paper's rank 192 for GPT-2)."""
+    def from_dense(cls, weight, bias, budget, rank: int | None = None, gram: torch.Tensor | None = None):
+        """``rank`` overrides the budget's rank (e.g. the paper's rank 192 for GPT-2). With ``gram``
+        the factors are the whitened SVD's (``svd_split``), optimal for the output error."""
         rank = cls._rank(weight.shape[1], weight.shape[0], budget, rank)
-        U, V = svd_split(weight, rank)
+        U, V = svd_split(weight, rank, None if gram is None else gram_root(gram))
         layer = cls(U, V, bias)
         layer.projection_error = relative_error(U @ V, weight)
         return layer

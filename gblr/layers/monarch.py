@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import StructuredLinear, register, relative_error
+from .whiten import gram_root, output_error
 
 
 def monarch_sizes(in_features: int, out_features: int, nblocks: int) -> tuple[int, int, int]:
@@ -60,16 +61,27 @@ def _shuffle_indices(nblocks: int, q: int):
     return (m % nblocks, (m // nblocks), (t // nblocks).expand(nblocks, q), i.expand(nblocks, q))
 
 
-def project_to_monarch(weight: torch.Tensor, nblocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def project_to_monarch(weight: torch.Tensor, nblocks: int, gram: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form Frobenius projection of an (out, in) matrix onto Monarch factors (R, L).
 
-    Returns R (b, q, p) and L (b, s, q) in the weight's dtype (SVDs in float64).
+    Returns R (b, q, p) and L (b, s, q) in the weight's dtype (SVDs in float64). With ``gram``
+    (in, in), each block of W is whitened by the root R_i of G's diagonal block G_ii of its input
+    block i (``gram_root``), truncated, and mapped back by R_i^-1: the optimum of the output error
+    tr(E G E^T) when G is block-diagonal over the input blocks, since no Monarch block reads two of them.
     """
     out_features, in_features = weight.shape
     p, q, s = monarch_sizes(in_features, out_features, nblocks)
     padded = F.pad(weight.double(), (0, nblocks * p - in_features, 0, nblocks * s - out_features))
     blocks = padded.view(nblocks, s, nblocks, p).transpose(1, 2)  # [j, i] = (s, p) block
+    if gram is not None:  # padded inputs are always 0: any root there will do, the identity's
+        padded_gram = torch.eye(nblocks * p, dtype=torch.float64, device=weight.device)
+        padded_gram[:in_features, :in_features] = gram.double()
+        roots = [gram_root(padded_gram[i * p:(i + 1) * p, i * p:(i + 1) * p]) for i in range(nblocks)]
+        blocks = blocks @ torch.stack([r for r, _ in roots])
     u, sv, vh = torch.linalg.svd(blocks, full_matrices=False)
+    if gram is not None:
+        vh = vh @ torch.stack([r_inv for _, r_inv in roots])
     root = sv.sqrt()
     j, t_out, slot, i = _shuffle_indices(nblocks, q)
     R = root[j, i, slot][..., None] * vh[j, i, slot, :]  # (b, q, p)
@@ -139,12 +151,18 @@ class MonarchLinear(StructuredLinear):
         return nblocks
 
     @classmethod
-    def from_dense(cls, weight, bias, budget, nblocks: int | None = None):
-        """``nblocks`` overrides the budget's choice (e.g. the paper's 4 blocks for GPT-2)."""
+    def from_dense(cls, weight, bias, budget, nblocks: int | None = None, gram: torch.Tensor | None = None):
+        """``nblocks`` overrides the budget's choice (e.g. the paper's 4 blocks for GPT-2). With
+        ``gram`` the factors are the block-whitened projection's (``project_to_monarch``) or the
+        plain one's, whichever has the lower output error on ``gram``."""
         out_features, in_features = weight.shape
         nblocks = cls._nblocks(in_features, out_features, budget, nblocks)
         R, L = project_to_monarch(weight, nblocks)
         layer = cls(R, L, in_features, out_features, bias)
+        if gram is not None:
+            aware = cls(*project_to_monarch(weight, nblocks, gram), in_features, out_features, bias)
+            if output_error(aware.to_dense(), weight, gram) < output_error(layer.to_dense(), weight, gram):
+                layer = aware
         layer.projection_error = relative_error(layer.to_dense(), weight)
         return layer
 
