@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from .base import StructuredLinear, register, relative_error
 from .gaudi import boxcar, gaudi_mask, gaudi_mask_vjp, hard_widths
 from .lowrank import lowrank_rank
+from .monarch import monarch_nblocks, monarch_sizes, project_to_monarch
 from .whiten import gram_root
 
 
@@ -36,6 +37,35 @@ def svd_components(weight: torch.Tensor, K: int, rank: int, whiten: tuple[torch.
     if whiten is not None:
         V = V @ whiten[1].to(weight.device)
     return U.to(weight.dtype), V.reshape(K, rank, in_features).to(weight.dtype)
+
+
+def monarch_components(weight: torch.Tensor, nblocks: int, K: int, gram: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Monarch projection of ``weight`` at ``nblocks`` blocks as at most K rank-1 components:
+    (U (n, out, 1), V (n, 1, in), widths (2, n), locations (2, n)), n <= K.
+
+    Monarch's block (j, i) of W is L_j[:, T] R_i[T, :] (``gblr.layers.monarch``), a sum of |T| rank-1
+    pieces, each a column of L_j on output block j times a row of R_i on input block i: as a GBLR
+    component on an s x p block it costs min(s + p, s p) MACs, so the b q pieces cost what Monarch
+    does, b q (p + s) (less where blocks are cut by the padding). When there are more than K
+    pieces the K largest are kept."""
+    out_features, in_features = weight.shape
+    R, L = project_to_monarch(weight.double(), nblocks, gram)
+    p, q, s = monarch_sizes(in_features, out_features, nblocks)
+    i = torch.arange(nblocks).repeat_interleave(q)  # input block of piece (i, t)
+    t = torch.arange(q).repeat(nblocks)
+    j, t_out = (i * q + t) % nblocks, (i * q + t) // nblocks  # its output block and inner index
+    rows, cols = (out_features - j * s).clamp(0, s), (in_features - i * p).clamp(0, p)  # cut by the padding
+    U = torch.zeros(len(i), out_features, dtype=torch.float64)
+    V = torch.zeros(len(i), in_features, dtype=torch.float64)
+    for n, (a, b) in enumerate(zip(rows.tolist(), cols.tolist())):
+        U[n, j[n] * s:j[n] * s + a] = L[j[n], :a, t_out[n]]
+        V[n, i[n] * p:i[n] * p + b] = R[i[n], t[n], :b]
+    real = ((rows > 0) & (cols > 0)).nonzero().flatten()
+    keep = real[(U[real].norm(dim=1) * V[real].norm(dim=1)).argsort(descending=True)[:K]]
+    widths = torch.stack([rows[keep] / out_features, cols[keep] / in_features]).float()
+    locations = torch.stack([(j[keep] * s) / out_features, (i[keep] * p) / in_features]).float()
+    return (U[keep, :, None].to(weight.dtype), V[keep, None, :].to(weight.dtype), widths, locations)
 
 
 def structure_macs(widths: torch.Tensor, sizes, ranks) -> torch.Tensor:
@@ -256,6 +286,10 @@ class GBLRLinear(StructuredLinear):
             (the paper's GPT-2 setting is rank_ratio=0.25).
         init="fit": the paper's budgeted fit, ``fit_steps`` steps (``gblr.layers.fit.fit_gblr``; it
             takes no ``rank_ratio``). ``fit_steps`` is ignored by init="lowrank".
+        init="monarch": the Monarch projection at the budget's block count, its rank-1 pieces as
+            components on their blocks (``monarch_components``; rank 1); the remaining components
+            hold the leading singular triplets of what Monarch leaves (W minus its projection), as
+            free placeholders (one element of one axis).
         """
         out_features, in_features = weight.shape
         K = cls._check(in_features, out_features, K, rank)
@@ -266,8 +300,10 @@ class GBLRLinear(StructuredLinear):
             from .fit import fit_gblr  # the fit builds on this module
 
             return fit_gblr(weight, bias, budget, K=K, rank=rank, sigma=sigma, seed=seed, gram=gram, steps=fit_steps)
+        if init == "monarch":
+            return cls._from_monarch(weight, bias, budget, K, rank, sigma, seed, gram)
         if init != "lowrank":
-            raise ValueError(f"GBLR init must be 'lowrank' or 'fit', got {init!r}")
+            raise ValueError(f"GBLR init must be 'lowrank', 'fit' or 'monarch', got {init!r}")
         generator = torch.Generator().manual_seed(seed)
         U, V = svd_components(weight, K, rank, None if gram is None else gram_root(gram))
         locations = torch.rand(2, K, generator=generator)
@@ -283,6 +319,26 @@ class GBLRLinear(StructuredLinear):
         widths[1, 1::2] = 1.0 / in_features   # element for even k, one input element for odd k
         widths[:, :full] = 1.0
         locations[:, :full] = 0.0
+        layer = cls(U, V, widths, locations, bias, sigma)
+        layer.projection_error = relative_error(layer.to_dense(), weight)
+        return layer
+
+    @classmethod
+    def _from_monarch(cls, weight, bias, budget, K, rank, sigma, seed, gram):
+        if rank != 1:
+            raise ValueError(f"GBLR init='monarch' writes Monarch's blocks as rank-1 components: rank must be 1, "
+                             f"got {rank!r}")
+        out_features, in_features = weight.shape
+        U, V, widths, locations = monarch_components(weight, monarch_nblocks(in_features, out_features, budget), K, gram)
+        spare = K - U.shape[0]
+        if spare:
+            residual = weight.double() - torch.einsum("kor,kri->oi", U.double(), V.double())
+            U_rest, V_rest = svd_components(residual.to(weight.dtype), spare, 1)
+            rest = torch.zeros(2, spare)
+            rest[0] = 1.0 / out_features  # free placeholders, one output element: the fill can grow them
+            U, V = torch.cat([U, U_rest]), torch.cat([V, V_rest])
+            widths = torch.cat([widths, rest], 1)
+            locations = torch.cat([locations, torch.rand(2, spare, generator=torch.Generator().manual_seed(seed))], 1)
         layer = cls(U, V, widths, locations, bias, sigma)
         layer.projection_error = relative_error(layer.to_dense(), weight)
         return layer
