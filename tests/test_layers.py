@@ -225,7 +225,7 @@ def test_bad_inputs_are_value_errors_that_say_what_is_allowed():
         from_dense("monarch", torch.randn(8, 16), nblocks=9)
     with pytest.raises(ValueError, match=r"K \* rank <= 8.*got K=8, rank=2"):
         from_dense("gblr", torch.randn(8, 16), K=8, rank=2)
-    with pytest.raises(ValueError, match=r"GBLR init must be 'lowrank' or 'fit', got 'svd'"):
+    with pytest.raises(ValueError, match=r"GBLR init must be 'lowrank', 'fit' or 'monarch', got 'svd'"):
         from_dense("gblr", torch.randn(8, 16), init="svd")
     with pytest.raises(ValueError, match=r"inference mode must be one of"):
         to_inference(build("gblr", 8, 8), mode="fast")
