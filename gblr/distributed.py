@@ -69,6 +69,14 @@ def all_sum(*values: float) -> list[float]:
     return tensor.tolist()
 
 
+def all_sum_(*tensors: torch.Tensor) -> None:
+    """Replace each tensor by its sum over ranks, in place (one all-reduce each); nothing in one process."""
+    if not dist.is_initialized():
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""One experiment: data -> model -> dense start -> structured layers under a budget -> fine-tune -> report.
+"""One experiment: data -> model -> dense start -> calibration -> structured layers under a budget ->
+fine-tune -> report.
 
 ``run(cfg) -> dict`` takes the composed config (configs/config.yaml) and writes ``results.json``
 in the run directory. Tests call it directly; run.py is a thin Hydra entry point over it. What
@@ -16,13 +17,15 @@ import torch
 
 from gblr import distributed, export
 from gblr.budget import Budget
+from gblr.calibration import calibrate
 from gblr.flops import flop_report, per_layer_report
 from gblr.files import BadFile, check_writable, entry_problem, load_safely, locked, remove_temp_files, versions, \
     write_entry, write_json
 from gblr.run_folder import check_folder, claimed, identity, resolve_run_dir
 from gblr.validate import check_config, check_conversion
-from gblr.surgery import replace_layers
+from gblr.surgery import _dense_weight, replace_layers, target_layers
 from gblr.tasks import build_task, plain
+from gblr.rank_allocation import global_ranks
 from gblr.tracking import Logger
 from gblr.train import param_groups, train
 
@@ -54,7 +57,8 @@ def run(cfg, skip_existing: bool = False) -> dict:
 
 
 def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time: float, logger: Logger) -> dict:
-    """data -> model -> dense start -> structured layers under the budget -> fine-tune -> results.json"""
+    """data -> model -> dense start -> calibration (weight.calibration) -> structured layers under the
+    budget -> fine-tune (none with train.epochs=0) -> results.json"""
     task = build_task(cfg, device)
     check_writable(task.cache_dir, "cache_dir")
     if not cfg.dry_run:
@@ -70,7 +74,7 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         log.warning(f"warning: dry run with RANDOM weights, {weights}. The FLOP report does not depend on them.")
     else:
         log.info(f"model {cfg.model.name}: {weights}")
-    options = conversion_options(cfg)
+    options = dry_run_options(kind, conversion_options(cfg)) if cfg.dry_run else conversion_options(cfg)
     check_conversion(model, cfg.model.targets, kind, budget, options)
 
     metrics, history = {}, []
@@ -81,7 +85,9 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         metrics.update({f"start_{k}": v for k, v in start.items()})
 
     anneal = structure_anneal(cfg, budget, None if cfg.dry_run else len(task.train_set))
-    replace_layers(model, cfg.model.targets, kind, anneal["start"] if anneal else budget, **options)
+    conversion_budget = anneal["start"] if anneal else budget
+    per_layer, calibration = layer_options(cfg, task, model, kind, conversion_budget)
+    replace_layers(model, cfg.model.targets, kind, conversion_budget, per_layer, **options)
     model.to(device)
     keeper = Budget(model, budget, mode=cfg.weight.get("budget_mode", "global"),
                     penalty=cfg.weight.get("penalty", 0.0), sigma=cfg.weight.get("sigma"),
@@ -91,6 +97,8 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
                     learn=cfg.weight.get("learn_structure", True), anneal=anneal)
     if cfg.dry_run:
         keeper.finish()  # the structure's cost at the end of training: the budget's
+    elif cfg.train.epochs == 0:
+        compress_only(task, model, keeper, metrics)
     else:
         outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics, logger)
         history = outcome["history"]
@@ -101,8 +109,8 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         "model": cfg.model.name, "data": cfg.data.name, "weight": kind, "budget": budget, "seed": cfg.seed,
         "start_seed": cfg.start.seed, "metric": task.metric, "dry_run": bool(cfg.dry_run),
         "data_description": task.info["description"] if task.info else None, "weights": weights,
-        "metrics": metrics, "flops": flop_report(model, task.flop_tokens), "layers": per_layer_report(model),
-        "structure": keeper.report() if keeper.layers else None,
+        "metrics": metrics, "calibration": calibration, "flops": flop_report(model, task.flop_tokens),
+        "layers": per_layer_report(model), "structure": keeper.report() if keeper.layers else None,
         "history": history, "world_size": distributed.world_size(), "time_s": round(time.time() - start_time, 2),
         "versions": versions(), "config": plain(cfg), "identity": identity(cfg), "completed": True,
     }
@@ -139,6 +147,50 @@ def structure_anneal(cfg, budget: float, train_size: int | None) -> dict | None:
 def conversion_options(cfg) -> dict:
     """weight.options without the unset (null) ones, which mean "the weight type's default"."""
     return {k: v for k, v in plain(cfg.weight.get("options")).items() if v is not None}
+
+
+def dry_run_options(kind: str, options: dict) -> dict:
+    """A dry run's conversion options: GBLR's budgeted fit (init=fit) is not run, since the budget
+    fixes the cost; the report counts the MACs of init=lowrank at the same budget (the fit's start)."""
+    if options.get("init") != "fit":
+        return options
+    log.info(f"dry run: the {kind} fit (init=fit) is not run; the MACs reported are those of its start at the "
+             f"budget (init=lowrank), which the fit never exceeds")
+    return {**{k: v for k, v in options.items() if k not in ("init", "fit_steps")}, "init": "lowrank"}
+
+
+def layer_options(cfg, task, model, kind: str, budget: float) -> tuple[dict, dict | None]:
+    """({layer name: conversion options of that layer}, the calibration report or None).
+
+    weight.calibration.batches > 0: each target layer's input Gram from the calibration pass
+    (``gblr.calibration``) as its ``gram``; not in a dry run (no data) nor for dense layers.
+    weight.allocation=global: each low-rank layer's ``rank`` from ``gblr.rank_allocation``.
+    """
+    layers = target_layers(model, cfg.model.targets)
+    batches, grams, report = cfg.weight.calibration.batches, {}, None
+    if batches and (cfg.dry_run or kind == "dense"):
+        log.info(f"weight.calibration.batches={batches} ignored: {'a dry run reads no data' if cfg.dry_run else 'dense layers are kept as they are'}")
+    elif batches:
+        grams, report = calibrate(model, layers, task, batches, cfg.start.seed, cfg.train.batch_size)
+        log.info(f"calibration: {batches} batches, {report['tokens']:,} tokens through {len(layers)} layers in "
+                 f"{report['seconds']:.2f} s; Grams (sum of in^2 x 8 bytes) {report['memory_bytes'] / 2**20:.2f} MiB")
+    per_layer = {name: {"gram": gram} for name, gram in grams.items()}
+    if cfg.weight.allocation == "global":
+        ranks = global_ranks({name: _dense_weight(m)[0] for name, m in layers}, budget, grams)
+        for name, rank in ranks.items():
+            per_layer.setdefault(name, {})["rank"] = rank
+        log.info(f"allocation=global: ranks {min(ranks.values())}..{max(ranks.values())} over {len(ranks)} layers")
+    return per_layer, report
+
+
+def compress_only(task, model, keeper: Budget, metrics: dict) -> None:
+    """train.epochs=0: the converted model is the result. Its masks are made hard (``Budget.finish``),
+    then evaluated once; the metrics are both ``converted_*`` and the final ones."""
+    log.info("train.epochs=0: compress only, no fine-tuning")
+    keeper.finish()
+    evaluated = task.evaluate(model)
+    metrics.update(evaluated)
+    metrics[f"converted_{task.metric}"] = evaluated[task.metric]
 
 
 def dense_start(cfg, task, model, device) -> dict | None:

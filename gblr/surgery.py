@@ -86,17 +86,13 @@ def _dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     return module.weight, module.bias
 
 
-def replace_layers(model: nn.Module, targets, kind: str, budget: float,
-                   **options) -> list[tuple[str, StructuredLinear]]:
-    """Replace every nn.Linear / HF Conv1D whose name ends with a target by ``from_dense(kind, ...)``.
+def target_layers(model: nn.Module, targets) -> list[tuple[str, nn.Module]]:
+    """The nn.Linear / HF Conv1D layers whose names end with a target, [(name, layer)] in model order.
 
     targets: module-name suffixes, e.g. ``VIT_TARGETS`` or ``GPT2_TARGETS``; None means
     ``default_targets(model)``. A target ending in q, k or v first splits timm's fused qkv
-    (``split_qkv``). budget: each layer's target MACs / its dense MACs; ``options`` go to
-    ``gblr.fit.from_dense`` (``gblr.layers.from_dense``, plus GBLR's budgeted fit). The new layer takes (..., in) like the old one and gives (..., out), on the
-    old weight's device and dtype. Returns [(name, new layer)] in model order. Raises ValueError
-    naming a target that matches no replaceable layer (nothing is replaced then). Logs one line per
-    layer (a GBLR fit or SVD of a large layer takes seconds).
+    (``split_qkv``; the model's outputs are unchanged). Raises ValueError naming a target that
+    matches no such layer.
     """
     targets = default_targets(model) if targets is None else (targets,) if isinstance(targets, str) else tuple(targets)
     if any(t.split(".")[-1] in ("q", "k", "v") for t in targets):
@@ -108,12 +104,28 @@ def replace_layers(model: nn.Module, targets, kind: str, budget: float,
             raise ValueError(f"target {pattern!r} matches no nn.Linear/Conv1D layer of {type(model).__name__}; "
                              f"targets are module-name suffixes such as 'mlp.fc1'. Linear layers: {names}"
                              f"{', ...' if len(linears) > 12 else ''}")
-    chosen = [(name, old) for name, old in linears if any(_matches(name, pattern) for pattern in targets)]
+    return [(name, m) for name, m in linears if any(_matches(name, pattern) for pattern in targets)]
+
+
+def replace_layers(model: nn.Module, targets, kind: str, budget: float, per_layer: dict[str, dict] | None = None,
+                   **options) -> list[tuple[str, StructuredLinear]]:
+    """Replace every layer of ``target_layers(model, targets)`` by ``from_dense(kind, ...)``.
+
+    budget: each layer's target MACs / its dense MACs; ``options`` go to ``gblr.fit.from_dense``
+    (``gblr.layers.from_dense``, plus GBLR's budgeted fit). per_layer: {layer name: options} added
+    to ``options`` for that layer alone, e.g. its calibration Gram (``gram``) or the rank a global
+    allocation chose (``rank``). The new layer takes (..., in) like the old one and gives (..., out),
+    on the old weight's device and dtype. Returns [(name, new layer)] in model order. Raises
+    ValueError naming a target that matches no replaceable layer (nothing is replaced then). Logs
+    one line per layer (a GBLR fit or SVD of a large layer takes seconds).
+    """
+    chosen = target_layers(model, targets)
     replaced = []
     for i, (name, old) in enumerate(chosen, start=1):
         weight, bias = _dense_weight(old)
         start = time.monotonic()
-        new = from_dense(kind, weight, bias, budget, **options).to(device=weight.device, dtype=weight.dtype)
+        layer_options = {**options, **(per_layer or {}).get(name, {})}
+        new = from_dense(kind, weight, bias, budget, **layer_options).to(device=weight.device, dtype=weight.dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         replaced.append((name, new))

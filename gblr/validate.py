@@ -49,10 +49,12 @@ LOOP = {"epochs": integer(1), "batch_size": integer(1), "grad_accum": integer(1)
 RULES = {
     "seed": integer(0), "dry_run": boolean(), "resume": boolean(), "fresh": boolean(),
     **{f"train.{k}": rule for k, rule in LOOP.items() if k != "seed"},
+    "train.epochs": (integer(0)[0], "an integer >= 0 (0 = compress only: convert, evaluate, report)"),
     "train.structure_lr": optional(number(0, False)), "weight.learn_structure": boolean(),
     "weight.anneal.start": number(0, True), "weight.anneal.epochs": number(0, False), "train.eval_batch_size": integer(1),
     "train.stop_after": optional(integer(1)), "train.max_bad_steps": integer(0), "train.log_every": integer(1),
     **{f"start.{k}": rule for k, rule in LOOP.items()},
+    "weight.calibration.batches": integer(0), "weight.allocation": one_of("uniform", "global"),
     "data.block_size": integer(1), "data.img_size": integer(1), "data.vocab_size": integer(2),
 }
 
@@ -72,6 +74,8 @@ def check_config(cfg) -> None:
                          f"got {anneal!r}")
     layer_class(cfg.weight.kind)
     check_mode(cfg.weight.get("budget_mode", "global"))
+    check_allocation(cfg.weight.kind, cfg.weight.get("allocation", "uniform"), cfg.weight.get("options") or {})
+    check_calibration(cfg.weight.kind, cfg.weight.get("calibration", {}).get("batches", 0))
     check_structure_optimizer(cfg.train.structure_optimizer)
     device = str(cfg.device)
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
@@ -87,6 +91,30 @@ def check_config(cfg) -> None:
                          f"the weights, or pretrained=null for random init")
 
 
+def check_allocation(kind: str, allocation: str, options) -> None:
+    """weight.allocation=global chooses each low-rank layer's rank (``gblr.rank_allocation``); it is
+    refused for the other weight types and alongside an explicit rank."""
+    if allocation != "global":
+        return
+    if kind != "lowrank":
+        why = {"gblr": "GBLR spreads its widths by weight.budget_mode",
+               "monarch": "per-layer block counts are not implemented",
+               "dense": "dense layers have no budget"}.get(kind, "it allocates low-rank ranks")
+        raise ValueError(f"weight.allocation must be uniform for weight={kind} ({why}), got 'global'; "
+                         f"global is for weight=lowrank")
+    if options.get("rank") is not None:
+        raise ValueError(f"weight.allocation=global chooses each layer's rank, but weight.options.rank="
+                         f"{options.get('rank')} fixes it; set weight.options.rank=null or weight.allocation=uniform")
+
+
+def check_calibration(kind: str, batches: int) -> None:
+    """A calibration pass needs a projection that takes the layers' input Grams (``gram``); dense
+    layers ignore it."""
+    if batches and kind != "dense" and "gram" not in inspect.signature(layer_class(kind).from_dense).parameters:
+        raise ValueError(f"weight.calibration.batches={batches}, but weight={kind}'s projection takes no input Gram "
+                         f"(gram); set weight.calibration.batches=0")
+
+
 def lookup(cfg, dotted: str):
     node = cfg
     for part in dotted.split("."):
@@ -100,7 +128,7 @@ def check_options(kind: str, options: dict) -> None:
     """ValueError naming options that weight type ``kind`` does not take (a typo such as rnak)."""
     allowed = {"init", "fit_steps"} if kind == "gblr" else set()  # gblr.fit.from_dense's own
     signature = inspect.signature(layer_class(kind).from_dense)
-    allowed |= {name for name in signature.parameters if name not in ("weight", "bias", "budget")}
+    allowed |= {name for name in signature.parameters if name not in ("weight", "bias", "budget", "gram")}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"weight.options {unknown} are not options of weight={kind}; it takes "

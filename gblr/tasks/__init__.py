@@ -8,6 +8,7 @@ the evaluation, and the tokens per example that the FLOP count uses. The runner 
     model, weights = task.build_model(allow_random_fallback=cfg.dry_run)
     task.loss(model, batch), task.evaluate(model), task.train_set, task.info, task.flop_tokens
     task.metric, task.higher_is_better     # e.g. "top1", True
+    task.calibration_batches(n, batch_size, seed)   # the calibration pass's batches (gblr.calibration)
 
 Adding a model family is one class here and one file in configs/model/ (see the README).
 """

@@ -4,6 +4,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from gblr import distributed
 from gblr.data import default_cache_dir
 
 
@@ -17,7 +18,8 @@ class Task:
 
     Subclasses set ``metric`` (the key of ``evaluate``'s result that sweeps compare),
     ``higher_is_better``, ``datasets`` (the data configs they accept) and implement
-    ``load_data``, ``build_model``, ``loss`` and ``evaluate``.
+    ``load_data``, ``build_model``, ``loss`` and ``evaluate``; ``calibration_batches`` serves
+    every task whose ``train_set`` is a map-style dataset.
     """
 
     metric: str
@@ -49,3 +51,17 @@ class Task:
 
     def evaluate(self, model) -> dict:
         raise NotImplementedError
+
+    def calibration_batches(self, n: int, batch_size: int, seed: int):
+        """The first ``n`` global batches of ``batch_size`` training examples in the order of a
+        permutation seeded by ``seed`` (the same on every rank), as batches ``loss`` takes; under
+        DDP this rank's slice of each. ValueError when the training split holds fewer than n batches."""
+        if n * batch_size > len(self.train_set):
+            raise ValueError(f"weight.calibration.batches={n} of train.batch_size={batch_size} examples need "
+                             f"{n * batch_size}, but the training set has {len(self.train_set)}; use at most "
+                             f"{len(self.train_set) // batch_size} batches")
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed))
+        per_rank, rank = batch_size // distributed.world_size(), distributed.rank()
+        mine = order[: n * batch_size].view(n, batch_size)[:, rank * per_rank:(rank + 1) * per_rank]
+        return torch.utils.data.DataLoader(self.train_set, batch_size=per_rank, sampler=mine.flatten().tolist(),
+                                           num_workers=self.cfg.train.num_workers)
