@@ -93,9 +93,10 @@ def metric_of(result: dict) -> str | None:
 def budget_mode(result: dict) -> str:
     """The arm of a run beside its weight type and budget, e.g. "global, frozen" or "calibrated": for
     GBLR how it spread its budget over layers (default "global"), then "frozen" when its structure
-    did not learn, "fit init" when it started from the budgeted fit, "annealed from X" when its
-    budget was cut from X while it trained; for every type "global ranks" when the ranks were
-    allocated model-wide and "calibrated" when the projection saw the data; "-" for a plain run."""
+    did not learn, "fit init" (or "monarch init") when it did not start from the low-rank
+    projection, "annealed from Nx" when its budget was cut from N times the budget while it trained; for every type
+    "global ranks" when the ranks were allocated model-wide and "calibrated" when the projection
+    saw the data; "-" for a plain run."""
     weight = result.get("config", {}).get("weight", {})
     train = result.get("config", {}).get("train", {})
     parts = []
@@ -103,10 +104,10 @@ def budget_mode(result: dict) -> str:
         parts.append(weight.get("budget_mode", "global"))
         if weight.get("learn_structure") is False or train.get("structure_lr") == 0:
             parts.append("frozen")
-        if (weight.get("options") or {}).get("init") == "fit":
-            parts.append("fit init")
+        if (init := (weight.get("options") or {}).get("init")) not in (None, "lowrank"):
+            parts.append(f"{init} init")
         if weight.get("anneal"):
-            parts.append(f"annealed from {weight['anneal']['start']:g}")
+            parts.append(f"annealed from {weight['anneal']['factor']:g}x")
     if weight.get("allocation", "uniform") == "global":
         parts.append("global ranks")
     if (weight.get("calibration") or {}).get("batches"):
@@ -179,7 +180,7 @@ def aggregate(results: list[dict], reference: list[dict]) -> tuple[list[dict], d
                      "converted": mean_of([r["metrics"].get(f"converted_{metric}") for r in runs]),
                      "moved_share": mean_of([(r.get("structure") or {}).get("moved_share") for r in runs])})
     rows.sort(key=lambda r: (r["model"], r["data"], WEIGHTS.index(r["weight"]) if r["weight"] in WEIGHTS else 9,
-                             MODES.index(r["budget_mode"]) if r["budget_mode"] in MODES else 9, r["budget"]))
+                             MODES.index(r["budget_mode"]) if r["budget_mode"] in MODES else 9, r["budget_mode"], r["budget"]))
     starts = {}
     for model, data in groups_of(rows):
         by_seed = {}  # every run of a start seed starts from the same dense model
@@ -314,18 +315,24 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def extra_comparisons(arms) -> list[tuple[tuple, tuple]]:
-    """The ablation pairs among ``arms`` ((weight, variant) keys): GBLR's global budget against its
-    uniform ablation, learned against frozen structure, from the fit against from the low-rank
-    start, and every calibrated arm against the same arm plain."""
-    pairs = [(("gblr", "global"), ("gblr", "uniform")), (("gblr", "global"), ("gblr", "global, frozen")),
-             (("gblr", "global, fit init"), ("gblr", "global"))]
+    """The ablation pairs among ``arms`` ((weight, variant) keys), each (arm, the arm it ablates):
+    GBLR's global budget against its uniform ablation, learned against frozen structure, an
+    annealed budget or the budgeted fit's start against the plain GBLR run, and a calibrated arm
+    against the same arm plain."""
+    pairs = [(("gblr", "global"), ("gblr", "uniform"))]
     for weight, variant in arms:
-        if variant.endswith("calibrated"):
-            plain = variant.removesuffix("calibrated").rstrip(", ") or "-"
-            pairs.append(((weight, variant), (weight, plain)))
-        if variant.startswith("global, annealed"):
-            pairs.append(((weight, variant), ("gblr", "global")))
+        parts = variant.split(", ")
+        if "frozen" in parts:
+            pairs.append(((weight, without(parts, "frozen")), (weight, variant)))
+        for part in parts:
+            if part == "calibrated" or part == "fit init" or part.startswith("annealed"):
+                pairs.append(((weight, variant), (weight, without(parts, part))))
     return pairs
+
+
+def without(parts: list[str], part: str) -> str:
+    """The variant of ``parts`` less ``part`` ("-" when nothing is left)."""
+    return ", ".join(p for p in parts if p != part) or "-"
 
 
 def paired_table(paired: list[dict]) -> list[str]:

@@ -123,7 +123,7 @@ class Budget:
     budget put it: widths and locations get no gradient and no step, nothing projects them again
     (the ablation of the method's learned structure).
     ``anneal`` {start, steps}: the budget starts at ``start`` (of dense MACs, >= budget; the
-    conversion is made at it) and decays geometrically to ``budget`` over ``steps`` optimizer steps,
+    conversion is made at it; ``weight.anneal`` sets it as a factor of the budget) and decays geometrically to ``budget`` over ``steps`` optimizer steps,
     so the projection cuts the structure gradually while the weights adapt.
     The model is on its budget from construction on (conversion options that fix the structure,
     ``rank_ratio``, may start above a global budget; free components take what the conversion

@@ -134,14 +134,14 @@ def weight_and_budget(cfg) -> tuple[str, float]:
 
 
 def structure_anneal(cfg, budget: float, train_size: int | None) -> dict | None:
-    """weight.anneal {start, epochs} as the budget's {start, steps}: the conversion is made at
-    ``start`` of dense MACs and the budget decays to ``budget`` over ``epochs`` of optimizer steps.
-    None when unset (GBLR's structure starts at the budget)."""
+    """weight.anneal {factor, epochs} as the budget's {start, steps}: the conversion is made at
+    start = min(1, factor * budget) of dense MACs and the budget decays to ``budget`` over ``epochs``
+    of optimizer steps. None when unset (GBLR's structure starts at the budget)."""
     anneal = plain(cfg.weight.get("anneal")) or None
     if anneal is None:
         return None
     steps_per_epoch = 1 if train_size is None else max(1, train_size // cfg.train.batch_size)
-    return {"start": max(float(anneal["start"]), budget), "steps": round(anneal["epochs"] * steps_per_epoch)}
+    return {"start": min(1.0, float(anneal["factor"]) * budget), "steps": round(anneal["epochs"] * steps_per_epoch)}
 
 
 def conversion_options(cfg) -> dict:

@@ -51,7 +51,7 @@ RULES = {
     **{f"train.{k}": rule for k, rule in LOOP.items() if k != "seed"},
     "train.epochs": (integer(0)[0], "an integer >= 0 (0 = compress only: convert, evaluate, report)"),
     "train.structure_lr": optional(number(0, False)), "weight.learn_structure": boolean(),
-    "weight.anneal.start": number(0, True), "weight.anneal.epochs": number(0, False), "train.eval_batch_size": integer(1),
+    "weight.anneal.factor": number(1, False), "weight.anneal.epochs": number(0, False), "train.eval_batch_size": integer(1),
     "train.stop_after": optional(integer(1)), "train.max_bad_steps": integer(0), "train.log_every": integer(1),
     **{f"start.{k}": rule for k, rule in LOOP.items()},
     "weight.calibration.batches": integer(0), "weight.allocation": one_of("uniform", "global"),
@@ -68,10 +68,9 @@ def check_config(cfg) -> None:
             raise ValueError(f"{key} must be {allowed}, got {value!r}")
     check_budget(cfg.budget)
     anneal = cfg.weight.get("anneal")
-    if anneal is not None and not (hasattr(anneal, "keys") and set(anneal.keys()) == {"start", "epochs"}
-                                   and float(cfg.budget) <= anneal.start <= 1):
-        raise ValueError(f"weight.anneal must be null or {{start, epochs}} with budget ({cfg.budget}) <= start <= 1, "
-                         f"got {anneal!r}")
+    if anneal is not None and not (hasattr(anneal, "keys") and set(anneal.keys()) == {"factor", "epochs"}):
+        raise ValueError(f"weight.anneal must be null or {{factor, epochs}} (start at factor x budget, cut to the "
+                         f"budget over epochs), got {anneal!r}")
     layer_class(cfg.weight.kind)
     check_mode(cfg.weight.get("budget_mode", "global"))
     check_allocation(cfg.weight.kind, cfg.weight.get("allocation", "uniform"), cfg.weight.get("options") or {})
@@ -118,7 +117,7 @@ def check_calibration(kind: str, batches: int) -> None:
 def lookup(cfg, dotted: str):
     node = cfg
     for part in dotted.split("."):
-        if node is None or part not in node:
+        if node is None or not hasattr(node, "keys") or part not in node:
             return None, False
         node = node[part]
     return node, True

@@ -13,15 +13,16 @@ from gblr.models import GPT2_TINY, VIT_ARCH, VIT_TINY
 
 @pytest.fixture
 def seen_by_surgery(monkeypatch):
-    """The dense model's state at the moment the runner converts its layers (what it loaded)."""
+    """The dense model's state at the moment the runner prepares its conversion (what it loaded),
+    before the surgery splits timm's fused qkv."""
     seen = {}
-    convert = runner.replace_layers
+    prepare = runner.layer_options
 
-    def spy(model, *args, **kwargs):
+    def spy(cfg, task, model, *args, **kwargs):
         seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return convert(model, *args, **kwargs)
+        return prepare(cfg, task, model, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "replace_layers", spy)
+    monkeypatch.setattr(runner, "layer_options", spy)
     return seen
 
 
