@@ -219,10 +219,11 @@ class Budget:
 
     def report(self) -> dict:
         """The ``structure`` block of results.json: whether it learned, the moved share of its MACs
-        (total and per layer) and the components' states summed over the layers."""
+        (total and per layer), the share in components narrower than their layer on an axis
+        (``partial_share``: 0 for a low-rank structure) and the components' states summed over the layers."""
         total, shares = self.moved()
         states = [layer.component_states() for layer in self.layers]
-        return {"learned": self.learn, "moved_share": total,
+        return {"learned": self.learn, "moved_share": total, "partial_share": partial_share(self.layers),
                 "moved_share_per_layer": dict(zip(self.names, shares)),
                 "components": {key: sum(state[key] for state in states) for key in ("active", "placeholder", "dead")}}
 
@@ -246,3 +247,16 @@ def moved_macs_of(layer: GBLRLinear, widths0: torch.Tensor, locations0: torch.Te
     macs = component_macs(*layer.hard_structure(), layer.rank).double().cpu()
     share = torch.where(area > 0, 1 - kept / area.clamp_min(1), torch.zeros_like(area)).double().cpu()
     return float(macs.sum()), float((macs * share).sum())
+
+
+def partial_share(layers: list[GBLRLinear]) -> float:
+    """The share of the layers' MACs spent in components that do not span their layer on both axes:
+    0 when every active component is a whole rank-r term (the structure is low-rank), 1 when none is."""
+    spent = partial = 0.0
+    with torch.no_grad():
+        for layer in layers:
+            a, b = layer.hard_structure()
+            macs = component_macs(a, b, layer.rank).double()
+            spent += float(macs.sum())
+            partial += float(macs[(a < layer.out_features) | (b < layer.in_features)].sum())
+    return partial / spent if spent else 0.0

@@ -40,3 +40,15 @@ def hf_cache(tmp_path, monkeypatch):
         (repo / "refs" / "main").write_text(commit)
 
     return put
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: results that do not depend on the machine's thread count,
+    and no OpenMP threads spinning against other processes on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,12 +8,7 @@ from gblr.structure_optim import SharedNormAdamW, build_optimizer, structure_gro
 from gblr.synthetic import macs_by_kind, run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_global_budget_gives_the_hard_layers_more_macs_and_a_lower_loss_than_uniform():

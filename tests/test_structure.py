@@ -120,3 +120,13 @@ def test_moved_share_counts_the_cells_a_component_left():
     with torch.no_grad():
         layer.widths[0, 1] = 0.25  # the free component (no rows) becomes 2 x 1: all its cells are new
     assert moved_macs_of(layer, widths0, locations0) == (10.0, 6.0)
+
+
+def test_partial_share_is_zero_for_a_lowrank_structure_and_counts_block_macs():
+    from gblr.budget import partial_share
+
+    layer = from_dense("gblr", torch.randn(16, 16), None, 0.5)  # rank 4, every active component whole
+    assert partial_share([layer]) == 0.0
+    with torch.no_grad():
+        layer.widths[:, 0] = 0.5  # one component becomes an 8 x 8 block: 16 of 3 x 32 + 16 MACs
+    assert partial_share([layer]) == pytest.approx(16 / (3 * 32 + 16))
