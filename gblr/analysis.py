@@ -147,6 +147,14 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def converted(result: dict, metric: str) -> float | None:
+    """The metric right after the conversion, before fine-tuning; None where the run has none, or
+    where it was converted above its budget (``weight.anneal``): that model is not at the budget."""
+    if (result.get("config", {}).get("weight", {}) or {}).get("anneal"):
+        return None
+    return result["metrics"].get(f"converted_{metric}")
+
+
 def mean_of(values: list) -> float | None:
     """The mean, or None when any value is missing (a run that does not record it)."""
     return None if not values or None in values else statistics.fmean(values)
@@ -177,7 +185,7 @@ def aggregate(results: list[dict], reference: list[dict]) -> tuple[list[dict], d
                      "flops_paper": None if None in paper else statistics.fmean(paper),
                      "macs": round(statistics.fmean(r["flops"]["macs"] for r in runs)),
                      "dense_macs": runs[0]["flops"]["dense_macs"], "eval_mode": runs[0]["metrics"].get("eval_mode"),
-                     "converted": mean_of([r["metrics"].get(f"converted_{metric}") for r in runs]),
+                     "converted": mean_of([converted(r, metric) for r in runs]),
                      "moved_share": mean_of([(r.get("structure") or {}).get("moved_share") for r in runs])})
     rows.sort(key=lambda r: (r["model"], r["data"], WEIGHTS.index(r["weight"]) if r["weight"] in WEIGHTS else 9,
                              MODES.index(r["budget_mode"]) if r["budget_mode"] in MODES else 9, r["budget_mode"], r["budget"]))
@@ -317,8 +325,8 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 def extra_comparisons(arms) -> list[tuple[tuple, tuple]]:
     """The ablation pairs among ``arms`` ((weight, variant) keys), each (arm, the arm it ablates):
     GBLR's global budget against its uniform ablation, learned against frozen structure, an
-    annealed budget or the budgeted fit's start against the plain GBLR run, and a calibrated arm
-    against the same arm plain."""
+    annealed budget against the plain GBLR run and against the frozen structure, the budgeted fit's
+    start against the plain GBLR run, and a calibrated arm against the same arm plain."""
     pairs = [(("gblr", "global"), ("gblr", "uniform"))]
     for weight, variant in arms:
         parts = variant.split(", ")
@@ -327,6 +335,9 @@ def extra_comparisons(arms) -> list[tuple[tuple, tuple]]:
         for part in parts:
             if part == "calibrated" or part == "fit init" or part.startswith("annealed"):
                 pairs.append(((weight, variant), (weight, without(parts, part))))
+            if part.startswith("annealed"):  # learned while cut to the budget, against the structure frozen at it
+                rest = without(parts, part).split(", ")
+                pairs.append(((weight, variant), (weight, ", ".join(rest[:1] + ["frozen"] + rest[1:]))))
     return pairs
 
 

@@ -246,6 +246,7 @@ def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: 
     ``metrics`` (the final ones of the hard structure). Returns ``train``'s outcome; the logger
     is closed here when training fails (the runner closes it with the results otherwise)."""
     metrics[f"converted_{task.metric}"] = task.evaluate(model)[task.metric]
+    metrics["converted_budget"] = keeper.current  # above the budget when weight.anneal converts at a multiple
     try:
         t = cfg.train
         groups = param_groups(model, t.lr, t.weight_decay, apart=keeper.parameters()) + keeper.param_groups()

@@ -136,7 +136,8 @@ def bench_vit_b(args, budget: float, options: dict) -> dict:
     rows = []
     for name, W in vit_b_layers(args.blocks):
         t0 = time.perf_counter()
-        layer = from_dense("gblr", W, budget=budget, init="fit", fit_steps=args.fit_steps, **options)
+        steps = {} if args.fit_steps is None else {"fit_steps": args.fit_steps}
+        layer = from_dense("gblr", W, budget=budget, init="fit", **steps, **options)
         rows.append({"layer": name, "shape": list(W.shape), "seconds": round(time.perf_counter() - t0, 2),
                      "error": layer.projection_error, "macs": layer.macs_per_token(),
                      "lowrank_error": from_dense("gblr", W, budget=budget).projection_error})
@@ -208,7 +209,7 @@ def bench_real(args, budgets) -> dict:
             for budget in budgets:
                 row = {"layer": name, "shape": list(W.shape), "budget": budget}
                 for method, (kind, options) in REAL_METHODS.items():
-                    if "init" in options:
+                    if "init" in options and args.fit_steps is not None:
                         options = {**options, "fit_steps": args.fit_steps}
                     for mode, gram in (("plain", None), ("aware", calibration)):
                         layer = from_dense(kind, W, budget=budget, gram=gram, **options)
@@ -243,7 +244,7 @@ def main():
     parser.add_argument("--vit-b", action="store_true", help="time the fit of every ViT-B/16 target layer")
     parser.add_argument("--real", action="store_true", help="plain vs activation-aware output error, real layers")
     parser.add_argument("--blocks", type=int, default=12, help="--vit-b: the first N of ViT-B's 12 blocks")
-    parser.add_argument("--fit-steps", type=int, default=1000)
+    parser.add_argument("--fit-steps", type=int, default=None, help="--vit-b, --real: the fit's steps (default: its own)")
     parser.add_argument("--fit-options", default="{}", help="--vit-b: JSON options for fit_gblr, e.g. "
                         '\'{"patience": null}\'')
     args = parser.parse_args()

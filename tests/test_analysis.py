@@ -188,3 +188,17 @@ def test_variants_name_the_ablations_and_are_compared_with_their_plain_arm():
              for r in paired_differences(runs, "lowrank")}
     assert pairs == {("gblr", "global", "lowrank", "-"): -2.0, ("gblr", "global, frozen", "lowrank", "-"): -1.0,
                      ("lowrank", "calibrated", "lowrank", "-"): -0.5, ("gblr", "global", "gblr", "global, frozen"): -1.0}
+
+
+def test_an_annealed_arm_is_compared_with_the_frozen_one_and_has_no_before_fine_tuning_figure():
+    from gblr.analysis import aggregate, paired_differences
+
+    annealed = {"config": {"weight": {"budget_mode": "global", "anneal": {"factor": 3, "epochs": 1}}}}
+    frozen = {"config": {"weight": {"budget_mode": "global", "learn_structure": False}}}
+    runs = [{**result("gblr", seed=s, value=10.0 + s, **annealed), "metrics": {"ppl": 10.0 + s, "converted_ppl": 5.0}}
+            for s in range(3)]
+    runs += [result("gblr", seed=s, value=12.0 + s, **frozen) for s in range(3)]
+    [row] = [r for r in paired_differences(runs) if r["reference_mode"] == "global, frozen"]
+    assert row["budget_mode"] == "global, annealed from 3x" and row["mean_difference"] == -2.0
+    rows, _ = aggregate(runs, [])
+    assert [r["converted"] for r in rows if r["budget_mode"].endswith("3x")] == [None]  # converted above its budget

@@ -248,7 +248,7 @@ def _run(target, K, rank, max_macs, *, steps, lr, structure_lr, init, seed, edge
 
 
 def fit_gblr(weight: torch.Tensor, bias: torch.Tensor | None, budget: float, *, K: int | None = None,
-             rank: int = 1, sigma: float | None = None, steps: int = 1000, lr: float = 0.02,
+             rank: int = 1, sigma: float | None = None, steps: int = 200, lr: float = 0.02,
              structure_lr: float = 0.5, init: str = "greedy", edges: bool = True,
              warmup: float = 0.0, anneal_sigma: tuple[float, float] | None = (2.0, 0.3), restarts: int = 1,
              support_keep: float = 0.95, keep_best: bool = True, betas=(0.0, 0.999),

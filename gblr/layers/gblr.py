@@ -275,7 +275,7 @@ class GBLRLinear(StructuredLinear):
     @classmethod
     def from_dense(cls, weight, bias, budget, K: int | None = None, rank: int = 1, sigma: float | None = None,
                    init: str = "lowrank", rank_ratio: float | None = None, seed: int = 0,
-                   gram: torch.Tensor | None = None, fit_steps: int = 1000):
+                   gram: torch.Tensor | None = None, fit_steps: int = 200):
         """Components from the SVD of ``weight``: component k holds singular triplets k r .. k r + r - 1
         (with ``gram``, of the whitened SVD: ``svd_components``).
 
