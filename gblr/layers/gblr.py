@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from .base import StructuredLinear, register, relative_error
 from .gaudi import boxcar, gaudi_mask, gaudi_mask_vjp, hard_widths
-from .lowrank import lowrank_rank
+from .lowrank import balance, lowrank_rank
 from .monarch import monarch_nblocks, monarch_sizes, project_to_monarch
 from .whiten import gram_root
 
@@ -27,16 +27,16 @@ def svd_components(weight: torch.Tensor, K: int, rank: int, whiten: tuple[torch.
     """(U (K, out, r), V (K, r, in)) in ``weight``'s dtype: component k holds the singular triplets
     k r .. k r + r - 1 of the (out, in) ``weight``, split evenly as U sqrt(S), sqrt(S) V^T. With
     ``whiten`` = (R, R_inv) of ``gram_root``, the triplets of W R, mapped back: V_k R_inv (the
-    whitened SVD of ``svd_split``, component by component)."""
+    whitened SVD of ``svd_split``, component by component, each term's factors balanced)."""
     out_features, in_features = weight.shape
     w = weight.double() if whiten is None else weight.double() @ whiten[0].to(weight.device)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[: K * rank].sqrt()
     U = (u[:, : K * rank] * root).T.reshape(K, rank, out_features).transpose(1, 2)
-    V = root[:, None] * vh[: K * rank]
+    V = (root[:, None] * vh[: K * rank]).reshape(K, rank, in_features)
     if whiten is not None:
-        V = V @ whiten[1].to(weight.device)
-    return U.to(weight.dtype), V.reshape(K, rank, in_features).to(weight.dtype)
+        U, V = balance(U, V @ whiten[1].to(weight.device))
+    return U.to(weight.dtype), V.to(weight.dtype)
 
 
 def monarch_components(weight: torch.Tensor, nblocks: int, K: int, gram: torch.Tensor | None = None

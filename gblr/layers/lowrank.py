@@ -21,10 +21,19 @@ def svd_split(weight: torch.Tensor, rank: int, whiten: tuple[torch.Tensor, torch
     w = weight.double() if whiten is None else weight.double() @ whiten[0].to(weight.device)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[:rank].sqrt()
-    V = root[:, None] * vh[:rank]
+    U, V = u[:, :rank] * root, root[:, None] * vh[:rank]
     if whiten is not None:
-        V = V @ whiten[1].to(weight.device)
-    return (u[:, :rank] * root).to(weight.dtype), V.to(weight.dtype)
+        U, V = balance(U, V @ whiten[1].to(weight.device))
+    return U.to(weight.dtype), V.to(weight.dtype)
+
+
+def balance(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U c, V / c) with c = sqrt(||V_k|| / ||U_k||) per rank-1 term k (U (..., m, r), V (..., r, n)):
+    the same product, each term's two factors at the same norm. After whitening the sqrt(S) split
+    leaves them far apart (S grows with the calibration tokens, R_inv shrinks V): measured, the
+    fine-tune's per-coordinate steps then moved V about 100 times too far relative to its size."""
+    c = (V.norm(dim=-1) / U.norm(dim=-2).clamp_min(1e-30)).clamp_min(1e-30).sqrt()
+    return U * c.unsqueeze(-2), V / c.unsqueeze(-1)
 
 
 def lowrank_rank(in_features: int, out_features: int, budget: float) -> int:
