@@ -122,5 +122,5 @@ def test_paper_number_beside_a_matching_row(tmp_path):
     assert rows["lowrank"]["paper_value"] == 19.48 and rows["gblr"]["paper_value"] == 19.24
     assert rows["monarch"]["paper"] is None
     table = (tmp_path / "results.md").read_text()
-    assert "| 19.50 ± 0.71 | 2 | 19.48 (gpt2_wikitext103_ft) |" in table  # mean ± sample std of 19 and 20
+    assert "| 19.50 ± 0.71 | – | – | 2 | 19.48 (gpt2_wikitext103_ft) |" in table  # mean ± sample std of 19 and 20
     assert "train.epochs = 10, 3" in table  # runs made with different settings are flagged

@@ -20,7 +20,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import StructuredLinear, register, relative_error
-from .lowrank import balance
 from .whiten import gram_root, output_error
 
 
@@ -81,14 +80,16 @@ def project_to_monarch(weight: torch.Tensor, nblocks: int, gram: torch.Tensor | 
         roots = [gram_root(padded_gram[i * p:(i + 1) * p, i * p:(i + 1) * p]) for i in range(nblocks)]
         blocks = blocks @ torch.stack([r for r, _ in roots])
     u, sv, vh = torch.linalg.svd(blocks, full_matrices=False)
+    if gram is not None:
+        # Back from the whitened inputs. The pieces' factors are left as the sqrt(S) split gives them,
+        # not balanced as low-rank's are: measured on pydoc at budget 0.1 (5 paired seeds), calibrated
+        # Monarch fine-tuned to -2.80 perplexity against plain Monarch this way, +2.33 balanced.
+        vh = vh @ torch.stack([r_inv for _, r_inv in roots])
     root = sv.sqrt()
-    left, right = u * root[..., None, :], root[..., None] * vh  # [j, i]: (s, k) and (k, p)
-    if gram is not None:  # back from the whitened inputs, each rank-1 piece's two factors balanced
-        left, right = balance(left, right @ torch.stack([r_inv for _, r_inv in roots]))
     j, t_out, slot, i = _shuffle_indices(nblocks, q)
-    R = right[j, i, slot, :]  # (b, q, p)
+    R = root[j, i, slot][..., None] * vh[j, i, slot, :]  # (b, q, p)
     L = torch.zeros(nblocks, s, q, dtype=torch.float64)
-    L[j, :, t_out] = left[j, i, :, slot]
+    L[j, :, t_out] = u[j, i, :, slot] * root[j, i, slot][..., None]
     return R.to(weight.dtype), L.to(weight.dtype)
 
 
