@@ -211,11 +211,14 @@ def aggregate(results: list[dict], reference: list[dict]) -> tuple[list[dict], d
 
 
 def arm_label(weight: str, mode: str) -> str:
-    """A figure legend's name of a weight type and budget mode, e.g. "gblr (global budget, fit init)"."""
+    """A figure legend's name of a weight type and its variant, e.g. "gblr (global budget, fit init)"
+    or "lowrank (calibrated)"."""
     if weight == "gblr":
         spread, _, init = mode.partition(", ")
         return f"gblr ({spread} budget{', ' + init if init else ''})"
-    return "dense (fine-tuned)" if weight == "dense" else weight
+    if weight == "dense":
+        return "dense (fine-tuned)"
+    return weight if mode == "-" else f"{weight} ({mode})"
 
 
 def start_seed(result: dict) -> int:
