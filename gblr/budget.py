@@ -59,7 +59,8 @@ def project_widths(layers: list[GBLRLinear], max_macs: float, fill: bool = False
     if not layers:
         return 0.0
     widths, sizes, ranks = _flat(layers)
-    new, tau = project(widths, sizes, ranks, max_macs, fill, scores=component_scores(layers) if fill else None)
+    # the scores only when free components are activated: not on every step of a model on its budget
+    new, tau = project(widths, sizes, ranks, max_macs, fill, scores=(lambda: component_scores(layers)) if fill else None)
     _write_back(layers, new)
     return tau
 

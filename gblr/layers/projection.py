@@ -20,7 +20,7 @@ def width_prices(widths: torch.Tensor, sizes: torch.Tensor, ranks) -> torch.Tens
 
 
 def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, fill: bool = False,
-            rounds: int = 4, grid: int = 64, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+            rounds: int = 4, grid: int = 64, scores=None) -> tuple[torch.Tensor, float]:
     """(new widths, tau): widths (2, C) soft-thresholded by tau * ``width_prices`` with the smallest
     tau that brings their cost within ``max_macs`` MACs per token; float64, clamped to [0, 1].
 
@@ -32,9 +32,9 @@ def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, f
     bisection). Components that cost 0 stay as they are whatever tau, so a cut to every priced
     width at 0 is always feasible; a component that the cut leaves with both widths at 0 keeps one
     output element, at no cost: with both at 0 no gradient reaches it again. With ``fill`` and
-    ``scores`` (C,), budget that growing the costing widths cannot spend (they are all at full
-    width) goes to free components (``activate``), so the result is on the budget to within less
-    than one component's cost.
+    ``scores`` (a function returning (C,) scores, called only when needed), budget that growing
+    the costing widths cannot spend (they are all at full width) goes to free components
+    (``activate``), so the result is on the budget to within less than one component's cost.
     """
     dtype, sizes = widths.dtype, sizes.to(widths.device)
     w = widths.detach().double().clamp(0, 1)
@@ -48,7 +48,7 @@ def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, f
     if within and not fill:
         return w, 0.0
     if within and scores is not None and not priced.any():
-        return activate(w, sizes, ranks, max_macs - float(cost(w[None])[0]), scores, dtype), 0.0
+        return activate(w, sizes, ranks, max_macs - float(cost(w[None])[0]), scores(), dtype), 0.0
     if not priced.any():
         return w, 0.0
     if within:  # lo: every priced width at 1 (feasible or not), hi = 0: feasible
@@ -56,7 +56,7 @@ def project(widths: torch.Tensor, sizes: torch.Tensor, ranks, max_macs: float, f
         full = (w - lo * prices).clamp(0, 1)
         if int(cost(full[None])[0]) <= max_macs:
             if scores is not None:
-                full = activate(full, sizes, ranks, max_macs - float(cost(full[None])[0]), scores, dtype)
+                full = activate(full, sizes, ranks, max_macs - float(cost(full[None])[0]), scores(), dtype)
             return full, lo
     else:  # lo = 0: infeasible, hi: every priced width at 0, feasible
         lo, hi = 0.0, float((w[priced] / prices[priced]).max()) * 1.001 + 1e-12
