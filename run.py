@@ -11,7 +11,7 @@ import sys
 import traceback
 
 if __name__ == "__main__":  # our help page, before anything heavy is imported (torch takes seconds)
-    from gblr.cli_help import page, wants_help
+    from gblr.run.help import page, wants_help
 
     if wants_help(sys.argv[1:]):
         try:
@@ -24,15 +24,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from gblr import exits
-from gblr.config import CONFIG_DIR
+from gblr.run import exits
+from gblr.system.config import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg):
     # Imported here, not at the top: Hydra's --cfg, --info and shell completion never need torch.
-    from gblr import distributed
-    from gblr.runner import run
+    from gblr.system import distributed
+    from gblr.run.runner import run
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:

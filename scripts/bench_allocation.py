@@ -1,4 +1,4 @@
-"""Where does the global budget put the MACs, by structure optimizer? (gblr.synthetic)
+"""Where does the global budget put the MACs, by structure optimizer? (synthetic)
 
 A 4-layer residual student-teacher MLP of 64 x 64 GBLR layers, two "hard" (teacher spectrum
 (i + 1)^-1/2 over all 64 directions) and two "easy" (teacher of rank 2 plus a faint tail) starts
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from gblr.synthetic import macs_by_kind, run
+from synthetic import macs_by_kind, run
 
-# name: (structure optimizer, budget mode, extra options of gblr.synthetic.run)
+# name: (structure optimizer, budget mode, extra options of synthetic.run)
 VARIANTS = {
     "adam/global": ("adam", "global", {}),  # the paper's
     "shared_adam/global": ("shared_adam", "global", {}),  # betas (0.9, 0.999) on the widths

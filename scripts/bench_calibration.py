@@ -14,12 +14,12 @@ import sys
 
 import torch
 
-from gblr.calibration import calibrate
-from gblr.config import compose
+from gblr.structure.calibration import calibrate
+from gblr.system.config import compose
 from gblr.layers import lowrank_rank
 from gblr.layers.whiten import gram_root, output_error
-from gblr.runner import dense_start
-from gblr.surgery import _dense_weight, target_layers
+from gblr.run.runner import dense_start
+from gblr.structure.surgery import dense_weight, target_layers
 from gblr.tasks import build_task
 
 
@@ -63,7 +63,7 @@ def main(argv):
     reference, ref_report = runs[counts[-1]]
     print(f"{cfg.model.name} on {cfg.data.name}: {len(layers)} target layers, batch {cfg.train.batch_size}, "
           f"{available} batches in the training split; Grams {ref_report['memory_bytes'] / 2**20:.3f} MiB")
-    weights = {name: _dense_weight(m)[0].detach() for name, m in layers}
+    weights = {name: dense_weight(m)[0].detach() for name, m in layers}
     print(f"{'batches':>8} {'tokens':>10} {'seconds':>8} {'max rel. diff vs ' + str(counts[-1]):>22} "
           f"{'output error ratio':>19}")
     for n, (grams, report) in runs.items():

@@ -23,7 +23,7 @@ Methods, each at <= budget * 64 * 64 MACs:
     paper_fit    the paper's recipe through fit_gblr: full widths at random locations, no edges, no
                  sigma annealing, structure steps of 20 elements (20 / min(in, out) normalized),
                  no best-iterate or SVD fallback
-    fit          gblr.fit.fit_gblr with its defaults (and each --variant: fit_gblr with those options)
+    fit          gblr.layers.fit_gblr with its defaults (and each --variant: fit_gblr with those options)
 Columns: relative Frobenius error ||W_hat - W||_F / ||W||_F and MACs used. Writes JSON (--out).
 
     python scripts/bench_fit.py --vit-b         # time GBLR's fit of all 60 ViT-B/16 target layers
@@ -44,7 +44,7 @@ import time
 
 import torch
 
-from gblr.fit import fit_gblr
+from gblr.layers import fit_gblr
 from gblr.layers import from_dense, relative_error
 from gblr.layers.whiten import output_error
 
@@ -157,8 +157,8 @@ REAL_SOURCES = [("gpt2_tiny", "pydoc", ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")
 def real_layers(model_name: str, data: str, suffixes) -> list:
     """(name, (out, in) weight, calibration Gram, held-out Gram) of a cached dense start's target
     layers (timm's fused qkv split into q, k, v, which share their input)."""
-    from gblr.config import compose
-    from gblr.runner import dense_start
+    from gblr.system.config import compose
+    from gblr.run.runner import dense_start
     from gblr.tasks import build_task
 
     cfg = compose(f"model={model_name}", f"data={data}")

@@ -10,7 +10,7 @@ from ``configs/experiment/gpt2_wikitext103_ft.yaml``: attn.c_attn, mlp.c_fc and 
 at full width, the budget 7/22 of their dense MACs (43.75% in the paper convention). The SVDs of
 that surgery take about a minute per weight type on 2 CPU cores; they are not timed.
 
-One step is what ``gblr.train.train`` does per batch: forward, next-token cross-entropy, backward,
+One step is what ``gblr.run.train.train`` does per batch: forward, next-token cross-entropy, backward,
 clip at 1.0, AdamW over ``param_groups``, and for GBLR the width projection onto the budget
 (``Budget.after_step``). Reported: median seconds of --repeats steps after one warm-up step,
 tokens/s, its ratio to dense, the analytic relative MACs (replaced layers; whole forward pass with
@@ -33,14 +33,14 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
-from gblr.config import ROOT, compose
-from gblr.flops import count_macs
-from gblr.models import build_gpt2
-from gblr.files import versions, write_json
-from gblr.surgery import replace_layers
-from gblr.budget import Budget
-from gblr.structure_optim import build_optimizer
-from gblr.train import param_groups
+from gblr.system.config import ROOT, compose
+from gblr.structure.macs import count_macs
+from gblr.tasks.models import build_gpt2
+from gblr.system.files import versions, write_json
+from gblr.structure.surgery import replace_layers
+from gblr.structure.budget import Budget
+from gblr.structure.optimizer import build_optimizer
+from gblr.structure.optimizer import param_groups
 
 KINDS = ("dense", "lowrank", "monarch", "gblr")
 PRESET = "gpt2_wikitext103_ft"

@@ -47,7 +47,7 @@ import time
 
 import torch
 
-from gblr.budget import project_widths
+from gblr.structure.budget import project_widths
 from gblr.layers import build, from_dense, to_inference
 
 FULL = dict(shapes="768x768,768x3072,3072x768", tokens="197,4096,25216", budgets="0.25,0.5", repeats=5)

@@ -6,7 +6,7 @@
     python scripts/bench_model.py --device cuda --dtype bf16 --compile --vit-batch 64 --gpt2-batch 16
 
 Every model is random init (no network; speed does not depend on the values). For each budget the
-paper's layers (ViT: q, k, v, fc1, fc2; GPT-2: c_attn, c_fc, c_proj; ``gblr.surgery``) are
+paper's layers (ViT: q, k, v, fc1, fc2; GPT-2: c_attn, c_fc, c_proj; ``gblr.structure.surgery``) are
 converted with ``replace_layers`` and timed against the unconverted model:
     dense         the model as built (nn.Linear / Conv1D, the reference)
     lowrank       truncated-SVD factors at the budget's rank
@@ -19,7 +19,7 @@ converted with ``replace_layers`` and timed against the unconverted model:
                   times every layer apart (minutes on CPU)
 Forward only, under torch.no_grad; each time is the median (--stat min: minimum) of --repeats calls
 after one warm-up, the variants of a model taking turns so that drifting load from other processes
-hits all alike. Beside each time: the model's MACs per sample (``gblr.flops.flop_report``: the
+hits all alike. Beside each time: the model's MACs per sample (``gblr.structure.macs.mac_report``: the
 ``model`` ratio is the whole forward over the same model dense) and, for GBLR, the MACs the
 inference GEMMs execute. The CPU target (reported, never enforced): ViT-B/16 at budget 0.3 in
 <= 0.6x dense time. Prints a table; writes JSON (default results/bench_model.json, on CUDA
@@ -36,12 +36,12 @@ import time
 import torch
 
 from bench_layers import interleaved_times  # noqa: E402  (scripts/ is on sys.path when run as a script)
-from gblr.budget import uniform_project_widths
-from gblr.files import write_json
-from gblr.flops import flop_report
+from gblr.structure.budget import uniform_project_widths
+from gblr.system.files import write_json
+from gblr.structure.macs import mac_report
 from gblr.layers import GBLRLinear, to_inference
-from gblr.models import build_gpt2, build_vit
-from gblr.surgery import replace_layers, structured_layers
+from gblr.tasks.models import build_gpt2, build_vit
+from gblr.structure.surgery import replace_layers, structured_layers
 
 KINDS = ("lowrank", "monarch", "gblr", "gblr-random")
 DEFAULT_KINDS = "lowrank,monarch,gblr"  # gblr-random: auto times every layer apart, minutes more on CPU
@@ -110,7 +110,7 @@ def convert(model, kind: str, budget: float, tokens: int, seed: int, dtype) -> d
 
 
 def macs(model, tokens: int) -> dict:
-    report = flop_report(model, tokens)
+    report = mac_report(model, tokens)
     return {key: report[key] for key in ("macs", "dense_macs", "replaced_macs", "replaced_dense_macs",
                                          "replaced", "model")}
 

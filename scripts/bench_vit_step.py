@@ -8,7 +8,7 @@
 type the paper's targets (q, k, v, fc1, fc2 of 12 blocks: 60 layers) become random-init
 ``gblr.layers.build(kind, in, out, budget)`` layers ("dense" is timm's model as is): replace_layers'
 60 SVDs took 6 min for low-rank alone on 2 CPU cores, and a step costs the same whatever the weights
-hold. One step is what ``gblr.train.train`` does per batch: forward, cross-entropy, backward, clip
+hold. One step is what ``gblr.run.train.train`` does per batch: forward, cross-entropy, backward, clip
 at 1.0, AdamW over ``param_groups``, for GBLR ``Budget(model, budget).after_step``. Reported:
 median seconds of --repeats steps after one warm-up, ratio to dense, images/s, peak memory. Each
 kind runs in its own process (``--one KIND``) so its peak is its own: on CPU peak RSS (ru_maxrss)
@@ -37,14 +37,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gblr.config import ROOT
+from gblr.system.config import ROOT
 from gblr.layers import GBLRLinear, StructuredLinear, build
-from gblr.models import build_vit
-from gblr.files import versions, write_json
-from gblr.surgery import VIT_TARGETS, split_qkv
-from gblr.budget import Budget
-from gblr.structure_optim import build_optimizer
-from gblr.train import param_groups
+from gblr.tasks.models import build_vit
+from gblr.system.files import versions, write_json
+from gblr.structure.surgery import VIT_TARGETS, split_qkv
+from gblr.structure.budget import Budget
+from gblr.structure.optimizer import build_optimizer
+from gblr.structure.optimizer import param_groups
 
 MIB = 1024  # ru_maxrss is in KiB on Linux
 

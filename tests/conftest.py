@@ -1,4 +1,4 @@
-"""Tests run offline: no hub, no wandb. Configs come from gblr.config.compose, paths from gblr.config.ROOT."""
+"""Tests run offline: no hub, no wandb. Configs come from gblr.system.config.compose, paths from gblr.system.config.ROOT."""
 import os
 
 import pytest

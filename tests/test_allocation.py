@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from gblr.budget import project_widths, soft_threshold_widths, width_prices
+from gblr.structure.budget import project_widths, soft_threshold_widths, width_prices
 from gblr.layers import GBLRLinear, build
-from gblr.structure_optim import SharedNormAdamW, build_optimizer, structure_groups
-from gblr.synthetic import macs_by_kind, run
+from gblr.structure.optimizer import SharedNormAdamW, build_optimizer, structure_groups
+from synthetic import macs_by_kind, run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,8 +95,9 @@ def test_shared_norm_adamw_is_adamw_without_shared_groups_and_steps_by_one_norma
 
 
 def test_shared_adam_through_train_and_its_checkpoint(tmp_path):
-    from gblr.budget import Budget
-    from gblr.train import param_groups, train
+    from gblr.structure.budget import Budget
+    from gblr.run.train import train
+    from gblr.structure.optimizer import param_groups
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(build("gblr", 16, 16, 0.5, seed=0), torch.nn.Tanh(), build("gblr", 16, 8, 0.5, seed=1))

@@ -19,7 +19,7 @@ REFERENCE = [
 
 
 def result(weight="gblr", seed=0, value=20.0, budget=0.3, metric="ppl", mode="global", paper=0.44, **extra):
-    """A completed result as gblr.runner.run writes it, reduced to what the analysis reads."""
+    """A completed result as gblr.run.runner.run writes it, reduced to what the analysis reads."""
     return {"model": "gpt2", "data": "wt", "weight": weight, "budget": budget, "seed": seed, "completed": True,
             "metrics": {metric: value, f"start_{metric}": 30.0 + seed},
             "flops": {"replaced": budget, "model": budget + 0.1, "paper": paper, "macs": 100 + seed, "dense_macs": 300},

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gblr.budget import project_widths, soft_threshold_widths, uniform_project_widths
+from gblr.structure.budget import project_widths, soft_threshold_widths, uniform_project_widths
 from gblr.layers import build
 
 

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from gblr.calibration import calibrate, gram_bytes, input_grams
-from gblr.config import compose
+from gblr.structure.calibration import calibrate, gram_bytes, input_grams
+from gblr.system.config import compose
 from gblr.layers import LowRankLinear
-from gblr.runner import run
+from gblr.run.runner import run
 from gblr.tasks.base import Task
-from gblr.validate import check_config
+from gblr.run.validate import check_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,12 +113,12 @@ def test_compress_only_with_calibration_and_global_ranks_records_it_all(tmp_path
 
 
 def test_dry_run_of_the_gblr_fit_counts_its_start_without_fitting(tmp_path, monkeypatch, caplog):
-    import gblr.fit
+    import gblr.layers.gblr
 
     def no_fit(*args, **kwargs):
         raise AssertionError("a dry run ran the fit")
 
-    monkeypatch.setattr(gblr.fit, "fit_gblr", no_fit)
+    monkeypatch.setattr(gblr.layers.gblr, "fit_gblr", no_fit)
     caplog.set_level(logging.INFO, logger="gblr")
     result = run(compose(f"out_dir={tmp_path}", "weight=gblr", "weight.options.init=fit", "dry_run=true"))
     assert 0 < result["flops"]["replaced"] <= result["budget"] and result["calibration"] is None

@@ -8,8 +8,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from gblr.cli_help import page
-from gblr.config import ROOT
+from gblr.run.help import page
+from gblr.system.config import ROOT
 
 
 def imported(stderr: str) -> set[str]:

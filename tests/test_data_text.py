@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gblr import metrics
+from gblr.tasks import metrics
 from gblr.data import pydoc_text, text, token_stream, tokenization, wikitext
 
 WIKI = {

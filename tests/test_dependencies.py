@@ -4,7 +4,7 @@ import re
 import sys
 import tomllib
 
-from gblr.config import ROOT
+from gblr.system.config import ROOT
 
 # import name -> distribution name, where they differ
 DISTRIBUTIONS = {"PIL": "pillow", "sklearn": "scikit-learn", "hydra": "hydra-core", "hydra_plugins": "hydra-submitit-launcher"}

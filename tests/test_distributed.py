@@ -12,9 +12,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import gblr.distributed
-from gblr.config import ROOT
-from gblr.train import param_groups, train
+import gblr.system.distributed
+from gblr.system.config import ROOT
+from gblr.run.train import train
+from gblr.structure.optimizer import param_groups
 
 SETTINGS = ["start.epochs=2", "train.epochs=1", "train.batch_size=64", "weight=gblr"]
 
@@ -131,7 +132,7 @@ def test_a_multi_task_slurm_job_exports_the_torchrun_variables_with_submitit(mon
              "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
-    gblr.distributed._from_submitit()
+    gblr.system.distributed._from_submitit()
     assert {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_WORLD_SIZE")} == \
         {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "gpu07", "LOCAL_WORLD_SIZE": "2"}
     assert "CUDA_VISIBLE_DEVICES" not in os.environ or os.environ["CUDA_VISIBLE_DEVICES"] != "1"  # all GPUs stay visible
@@ -140,9 +141,9 @@ def test_a_multi_task_slurm_job_exports_the_torchrun_variables_with_submitit(mon
     monkeypatch.setenv("SLURM_LOCALID", "0")
     for key in ("WORLD_SIZE", "MASTER_PORT"):
         monkeypatch.delenv(key)
-    gblr.distributed._from_submitit()  # every task of the job derives the same port from the job id
+    gblr.system.distributed._from_submitit()  # every task of the job derives the same port from the job id
     assert os.environ["MASTER_PORT"] == port and os.environ["RANK"] == "0"
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job stays a plain process
     monkeypatch.delenv("WORLD_SIZE")
-    gblr.distributed._from_submitit()
+    gblr.system.distributed._from_submitit()
     assert "WORLD_SIZE" not in os.environ

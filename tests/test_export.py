@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from gblr import export
-from gblr.config import compose
+from gblr.run import export
+from gblr.system.config import compose
 from gblr.layers import LAYERS, GBLRInference, StructuredLinear, build, from_dense
-from gblr.runner import run
+from gblr.run.runner import run
 from gblr.tasks import build_task
 
 # As tests/test_run_vision.py's quick runs (so a full session trains the dense start once).
@@ -49,8 +49,8 @@ def test_a_penalty_run_exports_its_projected_model_which_reloads_to_the_same_met
 
 
 def test_gpt2_export_round_trip(tmp_path):
-    from gblr.models import build_gpt2
-    from gblr.surgery import replace_layers
+    from gblr.tasks.models import build_gpt2
+    from gblr.structure.surgery import replace_layers
 
     torch.manual_seed(0)
     model, _ = build_gpt2("gpt2_tiny", vocab_size=300, bos_token_id=0, eos_token_id=0)

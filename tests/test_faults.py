@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-import gblr.runner
+import gblr.run.runner
 import gblr.tasks
-from gblr.config import ROOT, compose
-from gblr.runner import run
+from gblr.system.config import ROOT, compose
+from gblr.run.runner import run
 
 SETTINGS = ["start.epochs=3", "train.epochs=2", "train.batch_size=128", "weight=gblr"]
 
@@ -57,7 +57,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
     script = tmp_path / "nan_run.py"
     script.write_text(
         "import torch\n"
-        "import gblr.runner as runner\nimport gblr.tasks as tasks\n"
+        "import gblr.run.runner as runner\nimport gblr.tasks as tasks\n"
         "original, calls = tasks.ImageClassification.loss, [0]\n"
         "def loss(self, model, batch):\n"
         "    value = original(self, model, batch)\n"

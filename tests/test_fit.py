@@ -1,12 +1,12 @@
-"""The budgeted GBLR fit (gblr.fit): it finds structure low-rank and Monarch cannot express, within budget."""
+"""The budgeted GBLR fit (gblr.layers): it finds structure low-rank and Monarch cannot express, within budget."""
 import importlib.util
 
 import pytest
 import torch
 
-from gblr.config import ROOT
-from gblr.budget import project
-from gblr.fit import fit_gblr
+from gblr.system.config import ROOT
+from gblr.structure.budget import project
+from gblr.layers import fit_gblr
 from gblr.layers.gaudi import hard_widths
 from gblr.layers.gblr import component_macs
 from gblr.layers import from_dense, relative_error

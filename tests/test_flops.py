@@ -1,13 +1,13 @@
-"""gblr.flops: analytic MACs against hand-computed reference numbers and torch's FLOP counter."""
+"""gblr.structure.macs: analytic MACs against hand-computed reference numbers and torch's FLOP counter."""
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from gblr.flops import count_macs, gpt2_macs, per_layer_report, vit_macs
+from gblr.structure.macs import count_macs, gpt2_macs, per_layer_report, vit_macs
 from gblr.layers import build
-from gblr.models import build_gpt2, build_vit
-from gblr.surgery import GPT2_TARGETS, replace_layers, split_qkv
+from gblr.tasks.models import build_gpt2, build_vit
+from gblr.structure.surgery import GPT2_TARGETS, replace_layers, split_qkv
 
 # ViT-B/16 at 224 px: 197 tokens, 12 blocks.
 VIT_B_LINEARS_PER_BLOCK = 1_394_343_936

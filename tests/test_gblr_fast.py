@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gblr.budget import project_widths
+from gblr.structure.budget import project_widths
 from gblr.layers import build, from_dense, to_inference
 from gblr.layers.gaudi import boxcar, dirichlet_mask, hard_locations, hard_widths
 from gblr.layers.gblr import GBLRFunction

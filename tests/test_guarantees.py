@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import gblr.runner
+import gblr.run.runner
 import gblr.tasks
-from gblr.config import ROOT, compose
+from gblr.system.config import ROOT, compose
 from gblr.data.pydoc_text import pydoc_tokenizer, pydoc_tokens
-from gblr.files import BadFile, Busy, entry_record, load_safely, locked
-from gblr.runner import run
+from gblr.system.files import BadFile, Busy, entry_record, load_safely, locked
+from gblr.run.runner import run
 
 QUICK = ["start.epochs=2", "train.epochs=1", "train.batch_size=128", "weight=lowrank"]
 
@@ -41,7 +41,7 @@ def finished(tmp_path_factory, cache_dir):
 
 def test_a_sweep_rerun_with_the_same_settings_returns_the_stored_result(finished, cache_dir, monkeypatch):
     out, first = finished
-    monkeypatch.setattr(gblr.runner, "experiment", lambda *a: pytest.fail("a finished run was run again"))
+    monkeypatch.setattr(gblr.run.runner, "experiment", lambda *a: pytest.fail("a finished run was run again"))
     again = run(compose(f"cache_dir={cache_dir}", f"out_dir={out}", *QUICK, "train.lr=1e-3", "train.num_workers=0",
                         "logger=none"), skip_existing=True)
     assert again["metrics"] == first["metrics"]
@@ -107,7 +107,7 @@ def test_an_unwritable_folder_fails_before_any_data_is_read(tmp_path, cache_dir,
         pytest.fail("data was read before the folders were checked")
 
     monkeypatch.setattr(gblr.tasks.ImageClassification, "load_data", never)
-    monkeypatch.setattr(gblr.runner, "train", never)
+    monkeypatch.setattr(gblr.run.runner, "train", never)
     (tmp_path / "a-file").write_text("")  # a folder below a file cannot be made, even by root
     folders = {"out_dir": tmp_path / "out", "cache_dir": cache_dir, key: tmp_path / "a-file" / "sub"}
     message = {"out_dir": rf"run folder {tmp_path}/a-file/sub: cannot write in {tmp_path}/a-file/sub",
@@ -186,7 +186,7 @@ BAD = [("seed=abc", "seed must be an integer >= 0, got 'abc'"), ("seed=1.5", "se
 @pytest.mark.parametrize("override, message", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_one_error_naming_the_key_before_any_training(tmp_path, cache_dir, monkeypatch, override,
                                                                     message):
-    monkeypatch.setattr(gblr.runner, "train", lambda *a, **k: pytest.fail("trained before the input was checked"))
+    monkeypatch.setattr(gblr.run.runner, "train", lambda *a, **k: pytest.fail("trained before the input was checked"))
     (tmp_path / "empty").mkdir()
     extra = ["train.grad_accum=5"] if override == "train.batch_size=96" else []
     cfg = compose(f"cache_dir={cache_dir}", f"out_dir={tmp_path / 'out'}",
@@ -197,7 +197,7 @@ def test_bad_input_is_one_error_naming_the_key_before_any_training(tmp_path, cac
 
 
 def test_bad_text_input_fails_before_training(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.setattr(gblr.runner, "train", lambda *a, **k: pytest.fail("trained before the input was checked"))
+    monkeypatch.setattr(gblr.run.runner, "train", lambda *a, **k: pytest.fail("trained before the input was checked"))
     with pytest.raises(ValueError, match="data.block_size must be an integer >= 1, got 0"):
         run(compose("model=gpt2_tiny", "data=pydoc", "data.block_size=0", f"out_dir={tmp_path}"))
     folder = tmp_path / "tok"

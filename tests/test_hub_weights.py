@@ -5,10 +5,10 @@ import logging
 import pytest
 import torch
 
-from gblr import runner
-from gblr.config import compose
-from gblr.hub import WeightsNotFound
-from gblr.models import GPT2_TINY, VIT_ARCH, VIT_TINY
+from gblr.run import runner
+from gblr.system.config import compose
+from gblr.system.hub import WeightsNotFound
+from gblr.tasks.models import GPT2_TINY, VIT_ARCH, VIT_TINY
 
 
 @pytest.fixture

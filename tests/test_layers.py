@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gblr import fit
+from gblr import layers
 from gblr.layers import LAYERS, build, from_dense, svd_split, to_inference
 from gblr.layers.monarch import monarch_macs
 
@@ -140,8 +140,8 @@ def test_gblr_paper_settings_can_be_stated_exactly():
 
 def test_gblr_fit_meets_the_budget_and_lowers_its_error():
     weight = dense_weight(64, 96)
-    start = fit.from_dense("gblr", weight, budget=0.25, init="fit", fit_steps=0)
-    fitted = fit.from_dense("gblr", weight, budget=0.25, init="fit", fit_steps=300)
+    start = layers.from_dense("gblr", weight, budget=0.25, init="fit", fit_steps=0)
+    fitted = layers.from_dense("gblr", weight, budget=0.25, init="fit", fit_steps=300)
     assert fitted.macs_per_token() <= 0.25 * 64 * 96
     # The fit starts from the SVD components on their supports and keeps its best iterate: never
     # worse than its start, nor than low-rank at the same budget (Eckart-Young's optimum for rank).
@@ -166,7 +166,7 @@ def test_gblr_inference_applies_the_same_matrix(mode, shape):
         layer.widths.uniform_(0, 0.6)
         layer.widths[:, :5] = 0.0
         layer.locations.uniform_(0, 1)
-    from gblr.budget import project_widths
+    from gblr.structure.budget import project_widths
     project_widths([layer], 0.3 * in_features * out_features)
     fast = to_inference(layer, mode=mode, tokens=64)
     assert fast.macs_per_token() == layer.macs_per_token()

@@ -8,7 +8,7 @@ import torch
 
 import gblr
 from gblr import tasks
-from gblr.config import compose
+from gblr.system.config import compose
 
 PACKAGE = Path(gblr.__file__).parent
 
@@ -29,19 +29,104 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+# The floors: a package imports only packages on lower floors (and itself). layers and system are the
+# ground floor; gblr/__init__.py (the library's names, imported lazily) stands above everything.
+FLOORS = {"layers": 0, "system": 0, "data": 1, "structure": 1, "tasks": 2, "run": 3, "report": 4}
+
+
+def gblr_modules() -> dict[str, Path]:
+    """{dotted module name: file} of every module of the package (a package's __init__ as the package)."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def gblr_imports(path: Path, known: dict) -> set[str]:
+    """The gblr modules ``path`` imports, each resolved to a module of ``known`` (from a.b import c: a.b.c
+    when that is a module, else a.b)."""
+    tree, names = ast.parse(path.read_text()), set()
+    for name in imported_modules(path):
+        if name.split(".")[0] == "gblr":
+            names.add(name)
+    for node in ast.walk(tree):  # from gblr.x import y, where y is a module
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gblr") and not node.level:
+            names |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known}
+    resolved = set()
+    for name in names:
+        while name not in known and "." in name:
+            name = name.rsplit(".", 1)[0]
+        resolved.add(name)
+    return resolved
+
+
+def test_every_module_lives_in_a_subpackage_with_a_floor():
+    modules = gblr_modules()
+    loose = [name for name in modules if name.count(".") == 1 and name.split(".")[1] not in FLOORS]
+    assert not loose, f"modules outside the floors {sorted(FLOORS)}: {loose}"
+    assert set(FLOORS) <= {name.split(".")[1] for name in modules if name.count(".") >= 1}
+
+
+def test_each_package_imports_only_itself_and_the_floors_below():
+    modules = gblr_modules()
+    assert len(list((PACKAGE / "layers").glob("*.py"))) >= 7
+    for name, path in modules.items():
+        if name == "gblr":
+            continue
+        floor, home = FLOORS[name.split(".")[1]], name.split(".")[1]
+        for other in gblr_imports(path, modules) - {"gblr"}:
+            there = other.split(".")[1]
+            assert there == home or FLOORS[there] < floor, f"{name} (floor {floor}) imports {other} (floor {FLOORS[there]})"
+
+
 def test_layers_import_nothing_from_the_rest_of_gblr():
-    files = sorted((PACKAGE / "layers").glob("*.py"))
-    assert len(files) >= 7
+    modules = gblr_modules()
+    for name in [n for n in modules if n.startswith(("gblr.layers", "gblr.system"))]:
+        outside = {m for m in gblr_imports(modules[name], modules) if m.split(".")[1] != name.split(".")[1]}
+        assert not outside, f"{name} imports {outside}"
+
+
+def test_no_module_imports_a_private_name_of_another():
+    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "scripts").glob("*.py"), PACKAGE.parent / "run.py"]
     for path in files:
-        outside = {name for name in imported_modules(path)
-                   if name.split(".")[0] == "gblr" and not name.startswith("gblr.layers")}
-        assert not outside, f"{path.name} imports {outside}"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("gblr")):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                assert not private, f"{path.name} imports {private} from {node.module}"
+
+
+def test_the_import_graph_has_no_cycle():
+    modules = gblr_modules()
+    graph = {name: gblr_imports(path, modules) - {name} for name, path in modules.items()}
+    graph["gblr"] = set()  # the package's lazy names are resolved on use, after every module is loaded
+    state = {}
+
+    def visit(name, trail):
+        if state.get(name) == "done":
+            return
+        assert state.get(name) != "open", "import cycle: " + " -> ".join([*trail, name])
+        state[name] = "open"
+        for other in sorted(graph[name]):
+            visit(other, [*trail, name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        visit(name, [])
 
 
 def test_the_runner_never_branches_on_a_model_family():
-    source = (PACKAGE / "runner.py").read_text()
+    source = (PACKAGE / "run" / "runner.py").read_text()
     for word in ('"vit"', '"gpt2"', "'vit'", "'gpt2'", "family"):
         assert word not in source
+
+
+def test_no_weight_type_is_named_outside_the_layers_and_its_own_checks():
+    """What differs between weight types is the layer's (gblr.layers); the run machinery asks the layer."""
+    for path in [*(PACKAGE / "run").glob("*.py")]:
+        source = path.read_text().replace('getLogger("gblr")', "")
+        for kind in ('"gblr"', '"lowrank"', '"monarch"', "'gblr'", "'lowrank'", "'monarch'"):
+            assert kind not in source, f"{path.name} names the weight type {kind}"
 
 
 # Every model x data combination the README lists, with the task each must get.

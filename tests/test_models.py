@@ -1,12 +1,12 @@
-"""gblr.models: the four model builds, local weights, and offline behaviour of hub names."""
+"""gblr.tasks.models: the four model builds, local weights, and offline behaviour of hub names."""
 import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from gblr.hub import WeightsNotFound, find_pretrained
-from gblr.models import build_gpt2, build_vit
+from gblr.system.hub import WeightsNotFound, find_pretrained
+from gblr.tasks.models import build_gpt2, build_vit
 
 VIT_HUB = "timm/vit_base_patch16_224.augreg_in21k_ft_in1k"
 

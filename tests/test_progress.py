@@ -1,9 +1,9 @@
-"""gblr.progress: a bar on a terminal, log lines in a log file, the items unchanged either way."""
+"""gblr.system.progress: a bar on a terminal, log lines in a log file, the items unchanged either way."""
 import io
 import logging
 import sys
 
-from gblr.progress import interactive, progress
+from gblr.system.progress import interactive, progress
 
 
 class Terminal(io.StringIO):

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from gblr.rank_allocation import allocate_ranks, global_ranks, normalized_energy, spectrum
+from gblr.structure.allocation import allocate_ranks, global_ranks, normalized_energy, spectrum
 
 
 def test_two_square_layers_by_hand():

@@ -10,10 +10,10 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from gblr.config import ROOT, compose
+from gblr.system.config import ROOT, compose
 from gblr.data.text import build_text_data
-from gblr.metrics import unigram_perplexity
-from gblr.runner import run
+from gblr.tasks.metrics import unigram_perplexity
+from gblr.run.runner import run
 
 EMBEDDED = "experiment=gpt2_tiny_pydoc"
 PAPER = "experiment=gpt2_wikitext103_ft"

@@ -7,8 +7,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from gblr.config import ROOT, compose
-from gblr.runner import run
+from gblr.system.config import ROOT, compose
+from gblr.run.runner import run
 
 QUICK = ["start.epochs=3", "train.epochs=1", "train.batch_size=128"]
 

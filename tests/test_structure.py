@@ -5,9 +5,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from gblr.budget import Budget, moved_macs_of, project_widths
+from gblr.structure.budget import Budget, moved_macs_of, project_widths
 from gblr.layers import GBLRLinear, from_dense
-from gblr.train import param_groups, train
+from gblr.run.train import train
+from gblr.structure.optimizer import param_groups
 
 
 def student(kind: str, budget: float) -> nn.Sequential:
@@ -123,7 +124,7 @@ def test_moved_share_counts_the_cells_a_component_left():
 
 
 def test_partial_share_is_zero_for_a_lowrank_structure_and_counts_block_macs():
-    from gblr.budget import partial_share
+    from gblr.structure.budget import partial_share
 
     layer = from_dense("gblr", torch.randn(16, 16), None, 0.5)  # rank 4, every active component whole
     assert partial_share([layer]) == 0.0

@@ -1,4 +1,4 @@
-"""gblr.surgery: qkv split, layer replacement in timm ViT and HF GPT-2, target errors."""
+"""gblr.structure.surgery: qkv split, layer replacement in timm ViT and HF GPT-2, target errors."""
 import copy
 import logging
 
@@ -8,8 +8,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from gblr.layers import StructuredLinear
-from gblr.models import build_gpt2, build_vit
-from gblr.surgery import GPT2_TARGETS, VIT_TARGETS, default_targets, replace_layers, split_qkv, structured_layers
+from gblr.tasks.models import build_gpt2, build_vit
+from gblr.structure.surgery import GPT2_TARGETS, VIT_TARGETS, default_targets, replace_layers, split_qkv, structured_layers
 
 
 def tiny_vit():

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gblr.config import ROOT
+from gblr.system.config import ROOT
 
 # A one-block, 32-wide ViT on digits, one epoch of dense start and one of fine-tuning.
 TINY = ["seed=0", "start.epochs=1", "train.epochs=1", "model.kwargs.depth=1", "model.kwargs.embed_dim=32"]

@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from gblr.config import CONFIG_DIR, compose
-from gblr.tracking import ID_FILE, Logger, run_id, sweep_name
+from gblr.system.config import CONFIG_DIR, compose
+from gblr.run.tracking import ID_FILE, Logger, run_id, sweep_name
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from gblr.models import build_vit
-from gblr.surgery import replace_layers
-from gblr.budget import Budget
-from gblr.train import lr_factor, param_groups, train
+from gblr.tasks.models import build_vit
+from gblr.structure.surgery import replace_layers
+from gblr.structure.budget import Budget
+from gblr.run.train import lr_factor, train
+from gblr.structure.optimizer import param_groups
 
 
 def test_three_parameter_groups_with_the_structure_apart():

@@ -17,6 +17,7 @@ import numpy as np
 from gblr.data import default_cache_dir
 from gblr.data.token_stream import cache_path, cached_tokens, sha1
 from gblr.data.tokenization import EOS, backend, byte_level_bpe, encode_lines, tokenizer_fingerprint
+from gblr.system.errors import BadInput
 
 PYDOC_DESCRIPTION = "pydoc_data.topics (CPython reference text)"
 
@@ -31,7 +32,7 @@ def pydoc_topics(split: str) -> list[str]:
     from pydoc_data.topics import topics
 
     if split not in ("train", "validation"):
-        raise ValueError(f"pydoc has splits 'train' and 'validation', not {split!r}")
+        raise BadInput(f"pydoc has splits 'train' and 'validation', not {split!r}")
     names = sorted(topics)
     return [topics[n] for i, n in enumerate(names) if (i % 10 == 5) == (split == "validation")]
 
@@ -54,7 +55,7 @@ def pydoc_tokens(split, tokenizer, cache_dir=None) -> tuple[np.ndarray, dict]:
     topics = pydoc_topics(split)
     eos = backend(tokenizer).token_to_id(EOS)
     if eos is None:
-        raise ValueError(f"the tokenizer has no {EOS} token, which pydoc puts between topics")
+        raise BadInput(f"the tokenizer has no {EOS} token, which pydoc puts between topics")
     path = cache_path(cache_dir, "pydoc", split, [split, sha1("\0".join(topics)), tokenizer_fingerprint(tokenizer)])
 
     def make_ids():

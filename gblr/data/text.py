@@ -4,7 +4,7 @@ streams and what they are.
 The datasets live in their own modules: "wikitext103" (gblr.data.wikitext, WikiText-103 with the
 GPT-2 tokenizer) and "pydoc" (gblr.data.pydoc_text, an embedded offline corpus with a locally
 trained BPE). Tokenizers are in gblr.data.tokenization, the on-disk token cache and training
-blocks in gblr.data.token_stream; perplexity is in gblr.metrics.
+blocks in gblr.data.token_stream; perplexity is in gblr.tasks.metrics.
 """
 
 import sys
@@ -12,6 +12,7 @@ import sys
 from gblr.data.pydoc_text import PYDOC_DESCRIPTION, pydoc_tokenizer, pydoc_tokens
 from gblr.data.tokenization import EOS, backend, load_tokenizer, tokenizer_fingerprint
 from gblr.data.wikitext import WIKITEXT_DESCRIPTION, wikitext_tokens
+from gblr.system.errors import BadInput
 
 TEXT_DATASETS = ("pydoc", "wikitext103")
 
@@ -38,9 +39,9 @@ def build_text_data(
     train_tokens, eval_tokens, eos_between_documents, and each split's source and cache file.
     """
     if name not in TEXT_DATASETS:
-        raise ValueError(f"unknown text dataset {name!r}; choose one of {TEXT_DATASETS}")
+        raise BadInput(f"unknown text dataset {name!r}; choose one of {TEXT_DATASETS}")
     if max_positions is not None and block_size > max_positions:
-        raise ValueError(f"block_size={block_size} exceeds the model's context of {max_positions} positions")
+        raise BadInput(f"block_size={block_size} exceeds the model's context of {max_positions} positions")
     if name == "pydoc":
         tok = pydoc_tokenizer(cache_dir, vocab_size) if tokenizer is None else load_tokenizer(tokenizer)
         train, train_src = pydoc_tokens("train", tok, cache_dir)

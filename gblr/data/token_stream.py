@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from gblr.data import default_cache_dir
-from gblr.files import cached
+from gblr.system.files import cached
+from gblr.system.errors import BadInput
 
 
 def sha1(text: str) -> str:
@@ -35,7 +36,7 @@ def cached_tokens(path: Path, make_ids, vocab_size: int) -> np.ndarray:
     """The token stream at path, memory-mapped; make_ids() -> 1-D int array builds it once.
 
     Returns a read-only np.memmap of shape (n_tokens,), uint16 or uint32 by vocab_size. The file is
-    a checksummed cache entry (``gblr.files.cached``): a corrupt one is made again, with a warning.
+    a checksummed cache entry (``gblr.system.files.cached``): a corrupt one is made again, with a warning.
     """
 
     def save(tmp):
@@ -46,7 +47,7 @@ def cached_tokens(path: Path, make_ids, vocab_size: int) -> np.ndarray:
     def load(path):
         ids = np.load(path, mmap_mode="r")
         if len(ids) and int(ids.max()) >= vocab_size:
-            raise ValueError(f"token id {int(ids.max())} is outside the tokenizer's {vocab_size} ids")
+            raise BadInput(f"token id {int(ids.max())} is outside the tokenizer's {vocab_size} ids")
         return ids
 
     return cached(path, path.stem, save, load)
@@ -62,7 +63,7 @@ class TokenBlocks(torch.utils.data.Dataset):
 
     def __init__(self, tokens, block_size: int):
         if len(tokens) < block_size:
-            raise ValueError(f"only {len(tokens)} tokens, fewer than one block of block_size={block_size}")
+            raise BadInput(f"only {len(tokens)} tokens, fewer than one block of block_size={block_size}")
         self.tokens = tokens
         self.block_size = block_size
 

@@ -9,8 +9,9 @@ the tokenizer's full json, so a cache made with one tokenizer is never read with
 from pathlib import Path
 
 from gblr.data.token_stream import sha1
-from gblr.hub import hub_offline
-from gblr.files import cached
+from gblr.system.hub import hub_offline
+from gblr.system.files import cached
+from gblr.system.errors import BadInput, MissingInput
 
 EOS = "<|endoftext|>"
 
@@ -25,7 +26,7 @@ def load_tokenizer(name_or_path="gpt2"):
 
     path = Path(name_or_path).expanduser()
     if not path.is_dir() and (path.is_absolute() or str(name_or_path).startswith((".", "~"))):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"tokenizer directory {path} does not exist; set data.tokenizer to a folder with "
             "tokenizer.json (or vocab.json + merges.txt), e.g. one written by save_pretrained"
         )
@@ -36,18 +37,18 @@ def load_tokenizer(name_or_path="gpt2"):
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=bool(why))
     except Exception as e:
         if path.is_dir():  # a truncated or foreign tokenizer.json: name the folder, not the parser's line
-            raise ValueError(f"data.tokenizer folder {path} cannot be read as a tokenizer "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+            raise BadInput(f"data.tokenizer folder {path} cannot be read as a tokenizer "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
         if not isinstance(e, OSError):
             raise
-        raise FileNotFoundError(
+        raise MissingInput(
             f"tokenizer {name_or_path!r} is not a local directory and could not be loaded from the "
             f"Hugging Face cache or hub ({why or str(e).splitlines()[0]}); fetch it once with "
             f"`hf download {name_or_path}`, or set data.tokenizer=/path/to/gpt2 (a folder with "
             "tokenizer.json or vocab.json + merges.txt)"
         ) from None
     if len(tokenizer) < 256:
-        raise ValueError(
+        raise BadInput(
             f"tokenizer {name_or_path!r} has only {len(tokenizer)} tokens; a GPT-2 byte-level BPE has "
             "at least 256 (was it built with vocab_file=/merges_file=, which transformers 5 ignores?)"
         )
@@ -58,13 +59,13 @@ def byte_level_bpe(texts: list[str], vocab_size: int, path: Path):
     """A byte-level BPE of vocab_size tokens trained on texts; trained once, then loaded from path.
 
     path is the tokenizer.json to write (the `tokenizers` library's own format), a checksummed cache
-    entry (``gblr.files.cached``). Id 0 is <|endoftext|>; the 256 byte symbols are always in the vocabulary, so
+    entry (``gblr.system.files.cached``). Id 0 is <|endoftext|>; the 256 byte symbols are always in the vocabulary, so
     any text encodes without unknown tokens. Returns a tokenizers.Tokenizer.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 bytes + {EOS}")
+        raise BadInput(f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 bytes + {EOS}")
 
     def train(tmp):
         tokenizer = Tokenizer(models.BPE())

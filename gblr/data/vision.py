@@ -18,7 +18,8 @@ from pathlib import Path
 from torchvision import datasets, transforms
 
 from gblr.data import default_cache_dir
-from gblr.files import cached
+from gblr.system.files import cached
+from gblr.system.errors import BadInput, MissingInput
 
 # timm's default ViT-B/16 weights (augreg) normalize with mean = std = 0.5. Pass the
 # model's own pretrained_cfg mean/std when it differs (e.g. DeiT weights use ImageNet mean/std).
@@ -43,29 +44,29 @@ def image_folder_datasets(root, train_transform, eval_transform):
     because the labels would silently disagree.
     """
     if root is None:
-        raise ValueError(f"no image folder given: set data.root=/path/to/imagenet (a folder with {LAYOUT})")
+        raise BadInput(f"no image folder given: set data.root=/path/to/imagenet (a folder with {LAYOUT})")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist; expected {LAYOUT} under it")
+        raise MissingInput(f"image folder {root} does not exist; expected {LAYOUT} under it")
     splits = {}
     for split, transform in (("train", train_transform), ("val", eval_transform)):
         path = root / split
         if not path.is_dir():
-            raise FileNotFoundError(f"{path} does not exist; expected {LAYOUT} under {root}")
+            raise MissingInput(f"{path} does not exist; expected {LAYOUT} under {root}")
         if not any(p.is_dir() for p in path.iterdir()):
-            raise ValueError(
+            raise BadInput(
                 f"{path} has no class folders; expected {split}/<class>/*.JPEG under {root} "
                 "(the ILSVRC2012 val tarball is flat: sort it into val/<wnid>/ first)"
             )
         try:
             splits[split] = datasets.ImageFolder(path, transform=transform)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{path}: {e}; expected {LAYOUT} under {root}") from None
+            raise MissingInput(f"{path}: {e}; expected {LAYOUT} under {root}") from None
     train, val = splits["train"], splits["val"]
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))[:5]
         only_val = sorted(set(val.classes) - set(train.classes))[:5]
-        raise ValueError(
+        raise BadInput(
             f"{root}: train/ has {len(train.classes)} class folders and val/ has {len(val.classes)}, "
             f"not the same set (only in train: {only_train}, only in val: {only_val}); "
             "both splits need the same <class> folders"
@@ -121,7 +122,7 @@ def prepare_digits(cache_dir=None) -> Path:
     Layout: train/<digit>/<index>.png and val/<digit>/<index>.png, 8x8 8-bit grey, pixel value
     round(v * 255 / 16) of the original 0..16 intensity; <index> is the row in load_digits().
     Split: stratified by class, DIGITS_VAL_FRACTION to val, seed DIGITS_SPLIT_SEED (1,437 train /
-    360 val). A checksummed cache entry (``gblr.files.cached``): a crash or a concurrent run never
+    360 val). A checksummed cache entry (``gblr.system.files.cached``): a crash or a concurrent run never
     leaves a half-written dataset behind, and a damaged one is written again.
     """
     from PIL import Image
@@ -200,7 +201,7 @@ def build_vision_data(
         train, val = digits_datasets(cache_dir, img_size, mean, std, augment)
         description = f"{DIGITS_DESCRIPTION}, upscaled to {img_size}x{img_size}, 3 channels"
     else:
-        raise ValueError(f"unknown vision dataset {name!r}; choose one of {VISION_DATASETS}")
+        raise BadInput(f"unknown vision dataset {name!r}; choose one of {VISION_DATASETS}")
     info = {
         "name": name,
         "description": description,

@@ -22,7 +22,8 @@ import numpy as np
 
 from gblr.data.token_stream import cache_path, cached_tokens
 from gblr.data.tokenization import backend, encode_lines, tokenizer_fingerprint
-from gblr.hub import hub_offline
+from gblr.system.hub import hub_offline
+from gblr.system.errors import MissingInput
 
 WIKITEXT_CONFIG = "wikitext-103-raw-v1"
 WIKITEXT_DESCRIPTION = "WikiText-103 (wikitext-103-raw-v1)"
@@ -37,7 +38,7 @@ _LINES_PER_BATCH = 10_000
 def _wikitext_local_files(root: Path, split: str):
     """("parquet", [paths]) or ("raw", [path]) for one split under a local WikiText-103 folder."""
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"data.root={root} does not exist; point data.root at a folder with the hub's "
             f"{WIKITEXT_CONFIG} parquet files ({split}-*.parquet) or the raw files (wiki.train.raw, ...)"
         )
@@ -49,7 +50,7 @@ def _wikitext_local_files(root: Path, split: str):
         if (folder / _RAW_FILES[split]).is_file():
             return "raw", [folder / _RAW_FILES[split]]
     looked = ", ".join(str(root / s) for s in _WIKITEXT_SUBDIRS)
-    raise FileNotFoundError(
+    raise MissingInput(
         f"WikiText-103 split {split!r} not found under data.root={root}: looked for "
         f"{split}-*.parquet and {_RAW_FILES[split]} in {looked}; point data.root at a folder "
         f"holding either layout"
@@ -73,7 +74,7 @@ def _hub_wikitext(split: str):
     try:
         import datasets
     except ImportError:
-        raise FileNotFoundError(
+        raise MissingInput(
             "WikiText-103: data.root is not set and the `datasets` library is not installed; set "
             f"data.root=/path/to/{WIKITEXT_CONFIG} (parquet or wiki.*.raw files) or pip install datasets"
         ) from None
@@ -83,7 +84,7 @@ def _hub_wikitext(split: str):
             return datasets.load_dataset(repo, WIKITEXT_CONFIG, split=split)
         except Exception as e:  # noqa: BLE001 - any failure means: not reachable, say so below
             errors.append(f"{repo}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    raise FileNotFoundError(
+    raise MissingInput(
         f"WikiText-103 split {split!r} is neither in the Hugging Face datasets cache nor reachable "
         f"(HF_HUB_OFFLINE={int(hub_offline())}; {'; '.join(errors)}); set "
         f"data.root=/path/to/{WIKITEXT_CONFIG} with the hub's parquet files or wiki.*.raw files"

@@ -80,9 +80,22 @@ class StructuredLinear(nn.Module):
     def dense_macs_per_token(self) -> int:
         return self.in_features * self.out_features
 
+    @classmethod
+    def probe(cls, weight: torch.Tensor, budget: float, **options) -> "StructuredLinear":
+        """A quick ``from_dense`` that fails as the real one would (a bad option, a budget the layer
+        cannot meet), for checking a run's settings before its dense start. Types whose projection is
+        slow override it with a cheaper equivalent."""
+        return cls.from_dense(weight, None, budget, **options)
+
+    @classmethod
+    def without_fit(cls, options: dict) -> dict:
+        """``options`` for a conversion that skips a slow data fit, for a dry run that only counts MACs:
+        the fit's start at the same budget. Unchanged for types without a fit."""
+        return options
+
     def build_options(self) -> dict:
         """The ``build`` options that give a layer of this one's shapes (and non-parameter settings),
-        so that an exported model can be rebuilt before its weights are loaded (``gblr.export``)."""
+        so that an exported model can be rebuilt before its weights are loaded (``gblr.run.export``)."""
         return {}
 
     @torch.no_grad()
@@ -128,6 +141,16 @@ def from_dense(kind: str, weight: torch.Tensor, bias: torch.Tensor | None = None
         if gram is not None:
             layer.output_error = output_error(layer.to_dense(), weight, gram)
         return layer
+
+
+def probe(kind: str, weight: torch.Tensor, budget: float = 1.0, **options) -> StructuredLinear:
+    """``from_dense(kind, weight, None, budget, **options)``, made cheap where the real projection is
+    slow (``StructuredLinear.probe``): the same errors, for checking settings before any training."""
+    cls = layer_class(kind)
+    budget = check_budget(budget)
+    check_dense(weight, None)
+    with torch.no_grad():
+        return cls.probe(weight.detach(), budget, **options)
 
 
 def build(kind: str, in_features: int, out_features: int, budget: float = 1.0, bias: bool = True,

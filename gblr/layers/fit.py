@@ -1,8 +1,9 @@
 """Budgeted fit of a Gaudi-GBLR layer to a dense weight (Lee & Kim, ICLR 2024, arXiv 2310.18882: the
 paper's initialization of GBLR from a dense weight under a MAC budget; docs/method.md).
 
-    fit_gblr(weight, bias, budget, gram=None, **options) -> GBLRLinear
-    (also ``gblr.layers.from_dense("gblr", weight, bias, budget, gram=None, init="fit", fit_steps=N)``)
+    fit_components(weight, budget, K=K, gram=None, **options) -> (U, V, widths, locations, losses)
+    (as a layer: ``gblr.layers.fit_gblr``, or
+    ``gblr.layers.from_dense("gblr", weight, bias, budget, gram=None, init="fit", fit_steps=N)``)
 
 The layer's MACs per token never exceed ``budget * in * out`` (after every step and at the end).
 Loss: ||W_hat - W||_F^2 / ||W||_F^2 with W_hat the GBLR matrix of the current hard (whole-element)
@@ -38,13 +39,12 @@ import math
 
 import torch
 
-from .base import relative_error
+from .components import component_macs, structure_macs, svd_components
 from .gaudi import gaudi_mask, hard_widths
-from .gblr import GBLRLinear, component_macs, structure_macs, svd_components
 from .projection import project
-from .whiten import check_gram, gram_root, output_error
+from .whiten import check_gram, gram_root
 
-__all__ = ["fit_gblr"]
+__all__ = ["fit_components"]
 
 PATIENCE = 100  # see ``fit_gblr``
 
@@ -247,18 +247,17 @@ def _run(target, K, rank, max_macs, *, steps, lr, structure_lr, init, seed, edge
     return error, fit.snapshot(), losses
 
 
-def fit_gblr(weight: torch.Tensor, bias: torch.Tensor | None, budget: float, *, K: int | None = None,
-             rank: int = 1, sigma: float | None = None, steps: int = 200, lr: float = 0.02,
-             structure_lr: float = 0.5, init: str = "greedy", edges: bool = True,
-             warmup: float = 0.0, anneal_sigma: tuple[float, float] | None = (2.0, 0.3), restarts: int = 1,
-             support_keep: float = 0.95, keep_best: bool = True, betas=(0.0, 0.999),
-             final_lr: float = 0.01, seed: int = 0, svd_fallback: bool = True, gram: torch.Tensor | None = None,
-             patience: int | None = PATIENCE, return_losses: bool = False) -> GBLRLinear:
-    """A GBLRLinear of ``K`` rank-``rank`` components fitted to ``weight`` within ``budget`` of its MACs.
+def fit_components(weight: torch.Tensor, budget: float, *, K: int, rank: int = 1, steps: int = 200,
+                   lr: float = 0.02, structure_lr: float = 0.5, init: str = "greedy", edges: bool = True,
+                   warmup: float = 0.0, anneal_sigma: tuple[float, float] | None = (2.0, 0.3), restarts: int = 1,
+                   support_keep: float = 0.95, keep_best: bool = True, betas=(0.0, 0.999), final_lr: float = 0.01,
+                   seed: int = 0, gram: torch.Tensor | None = None, patience: int | None = PATIENCE):
+    """``K`` rank-``rank`` GBLR components fitted to ``weight`` within ``budget`` of its MACs:
+    (U (K, out, r), V (K, r, in), widths (2, K), locations (2, K), losses per step of the kept run),
+    in ``weight``'s dtype and scale. ``gblr.layers.gblr.fit_gblr`` makes them a layer.
 
     Args:
-        weight: (out, in) dense weight; bias: (out,) or None (copied as the layer's bias).
-        budget: target MACs / (in * out); the result never exceeds it.
+        weight: (out, in) dense weight. budget: target MACs / (in * out); the result never exceeds it.
         steps: Adam steps per restart; lr: factor step size relative to the RMS of the SVD factors;
         structure_lr: edge/width step in elements of the smaller axis per step (both decay linearly
             to ``final_lr`` of their value).
@@ -270,21 +269,15 @@ def fit_gblr(weight: torch.Tensor, bias: torch.Tensor | None, budget: float, *, 
         anneal_sigma: (sigma0, fraction): Gaussian-smoothed masks from sigma0 DFT bins, growing
             geometrically to n/2 over ``fraction`` of the steps, then hard masks.
         restarts: seeds seed .. seed + restarts - 1; the lowest final error is kept.
-        svd_fallback: return the truncated SVD (GBLR's init="lowrank") instead when it is better.
         gram: (in, in) second moment of the layer's inputs: the loss becomes the output loss
             ||(W_hat - W) R||_F^2 / ||W R||_F^2 (R R^T = gram, ``gram_root``), the start the better of
-            the whitened and the plain SVD's, and the fallback the whitened SVD (compared on output error).
+            the whitened and the plain SVD's.
         patience: once the masks are hard, stop when no step has lowered the best loss by 0.1 % for
             this many steps (None: run every step).
-    Returns:
-        the fitted layer (``projection_error``, and ``output_error`` with ``gram``, set; ``fit_losses``
-        per step of the kept run if asked).
     """
-    out_features, in_features = weight.shape
-    K = GBLRLinear._check(in_features, out_features, K, rank)
-    gram = check_gram(gram, in_features)
+    gram = check_gram(gram, weight.shape[1])
     whiten = None if gram is None else gram_root(gram)
-    max_macs = budget * in_features * out_features
+    max_macs = budget * weight.shape[0] * weight.shape[1]
     norm = weight.detach().float().norm().clamp_min(1e-30)
     target = weight.detach().float() / norm
     best = None
@@ -296,23 +289,6 @@ def fit_gblr(weight: torch.Tensor, bias: torch.Tensor | None, budget: float, *, 
         if best is None or result[0] < best[0]:
             best = result
     _, (U, V, widths, locations), losses = best
-    root = norm.sqrt()
-    dtype = weight.dtype
-    layer = GBLRLinear((U * root).to(dtype), (V * root).to(dtype), widths.float().to(weight.device),
-                       locations.float().to(weight.device), bias, sigma)
-    assert layer.macs_per_token() <= max_macs, (layer.macs_per_token(), max_macs)
-    layer.projection_error = relative_error(layer.to_dense(), weight)
-    layer.output_error = None if gram is None else output_error(layer.to_dense(), weight, gram)
-    # The truncated SVD is a GBLR point too (init="lowrank": the top components at full width): on a
-    # weight without block structure it can beat the fit, so the fit never returns anything worse.
-    if svd_fallback:
-        svd = GBLRLinear.from_dense(weight, bias, budget, K=K, rank=rank, sigma=sigma, init="lowrank", gram=gram)
-        svd.projection_error = relative_error(svd.to_dense(), weight)
-        if gram is None and svd.projection_error < layer.projection_error:
-            layer = svd
-        elif gram is not None and output_error(svd.to_dense(), weight, gram) < layer.output_error:
-            layer = svd
-            layer.output_error = output_error(svd.to_dense(), weight, gram)
-    if return_losses:
-        layer.fit_losses = losses
-    return layer
+    root, dtype, device = norm.sqrt(), weight.dtype, weight.device
+    return ((U * root).to(dtype), (V * root).to(dtype), widths.float().to(device), locations.float().to(device),
+            losses)

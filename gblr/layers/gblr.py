@@ -16,69 +16,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import StructuredLinear, register, relative_error
+from .components import check_components, component_macs, monarch_components, svd_components
+from .fit import fit_components
 from .gaudi import boxcar, gaudi_mask, gaudi_mask_vjp, hard_widths
-from .lowrank import balance, lowrank_rank
-from .monarch import monarch_nblocks, monarch_sizes, project_to_monarch
-from .whiten import gram_root
-
-
-def svd_components(weight: torch.Tensor, K: int, rank: int, whiten: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U (K, out, r), V (K, r, in)) in ``weight``'s dtype: component k holds the singular triplets
-    k r .. k r + r - 1 of the (out, in) ``weight``, split evenly as U sqrt(S), sqrt(S) V^T. With
-    ``whiten`` = (R, R_inv) of ``gram_root``, the triplets of W R, mapped back: V_k R_inv (the
-    whitened SVD of ``svd_split``, component by component, each term's factors balanced)."""
-    out_features, in_features = weight.shape
-    w = weight.double() if whiten is None else weight.double() @ whiten[0].to(weight.device)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    root = s[: K * rank].sqrt()
-    U = (u[:, : K * rank] * root).T.reshape(K, rank, out_features).transpose(1, 2)
-    V = (root[:, None] * vh[: K * rank]).reshape(K, rank, in_features)
-    if whiten is not None:
-        U, V = balance(U, V @ whiten[1].to(weight.device))
-    return U.to(weight.dtype), V.to(weight.dtype)
-
-
-def monarch_components(weight: torch.Tensor, nblocks: int, K: int, gram: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Monarch projection of ``weight`` at ``nblocks`` blocks as at most K rank-1 components:
-    (U (n, out, 1), V (n, 1, in), widths (2, n), locations (2, n)), n <= K.
-
-    Monarch's block (j, i) of W is L_j[:, T] R_i[T, :] (``gblr.layers.monarch``), a sum of |T| rank-1
-    pieces, each a column of L_j on output block j times a row of R_i on input block i: as a GBLR
-    component on an s x p block it costs min(s + p, s p) MACs, so the b q pieces cost what Monarch
-    does, b q (p + s) (less where blocks are cut by the padding). When there are more than K
-    pieces the K largest are kept."""
-    out_features, in_features = weight.shape
-    R, L = project_to_monarch(weight.double(), nblocks, gram)
-    p, q, s = monarch_sizes(in_features, out_features, nblocks)
-    i = torch.arange(nblocks).repeat_interleave(q)  # input block of piece (i, t)
-    t = torch.arange(q).repeat(nblocks)
-    j, t_out = (i * q + t) % nblocks, (i * q + t) // nblocks  # its output block and inner index
-    rows, cols = (out_features - j * s).clamp(0, s), (in_features - i * p).clamp(0, p)  # cut by the padding
-    U = torch.zeros(len(i), out_features, dtype=torch.float64)
-    V = torch.zeros(len(i), in_features, dtype=torch.float64)
-    for n, (a, b) in enumerate(zip(rows.tolist(), cols.tolist())):
-        U[n, j[n] * s:j[n] * s + a] = L[j[n], :a, t_out[n]]
-        V[n, i[n] * p:i[n] * p + b] = R[i[n], t[n], :b]
-    real = ((rows > 0) & (cols > 0)).nonzero().flatten()
-    keep = real[(U[real].norm(dim=1) * V[real].norm(dim=1)).argsort(descending=True)[:K]]
-    widths = torch.stack([rows[keep] / out_features, cols[keep] / in_features]).float()
-    locations = torch.stack([(j[keep] * s) / out_features, (i[keep] * p) / in_features]).float()
-    return (U[keep, :, None].to(weight.dtype), V[keep, None, :].to(weight.dtype), widths, locations)
-
-
-def structure_macs(widths: torch.Tensor, sizes, ranks) -> torch.Tensor:
-    """MACs per token of (..., 2, C) normalized widths (row 0 output axis) on axes of ``sizes``
-    (2, C), summed over the C components -> (...); counted as ``macs_per_token`` counts them."""
-    a, b = hard_widths(widths, sizes).unbind(-2)
-    return component_macs(a, b, ranks).sum(-1)
-
-
-def component_macs(a: torch.Tensor, b: torch.Tensor, rank) -> torch.Tensor:
-    """MACs per token of components of hard widths a (output) and b (input): min(r (a + b), a b),
-    which is 0 when either width is 0 (docs/method.md, "The cost")."""
-    return torch.minimum(rank * (a + b), a * b)
+from .lowrank import lowrank_rank
+from .monarch import monarch_nblocks
+from .whiten import gram_root, output_error
 
 
 def materialize_cheaper(inner: int, in_features: int, out_features: int, tokens: int) -> bool:
@@ -262,16 +205,6 @@ class GBLRLinear(StructuredLinear):
         self.widths.clamp_(0, 1)
         self.locations.remainder_(1)
 
-    @staticmethod
-    def _check(in_features, out_features, K, rank):
-        K = min(in_features, out_features) // rank if K is None else K
-        if not (isinstance(rank, int) and rank >= 1 and isinstance(K, int) and K >= 1) \
-                or K * rank > min(in_features, out_features):
-            raise ValueError(f"GBLR needs K >= 1 components of rank >= 1 with K * rank <= "
-                             f"{min(in_features, out_features)} for a {out_features}x{in_features} layer, "
-                             f"got K={K!r}, rank={rank!r}")
-        return K
-
     @classmethod
     def from_dense(cls, weight, bias, budget, K: int | None = None, rank: int = 1, sigma: float | None = None,
                    init: str = "lowrank", rank_ratio: float | None = None, seed: int = 0,
@@ -284,7 +217,7 @@ class GBLRLinear(StructuredLinear):
             regrow), the output axis for even k and the input axis for odd k, as in the paper's code.
             Their number is the budget's low-rank rank / r, or ``rank_ratio * K`` when given
             (the paper's GPT-2 setting is rank_ratio=0.25).
-        init="fit": the paper's budgeted fit, ``fit_steps`` steps (``gblr.layers.fit.fit_gblr``; it
+        init="fit": the paper's budgeted fit, ``fit_steps`` steps (``fit_gblr``; it
             takes no ``rank_ratio``). ``fit_steps`` is ignored by init="lowrank".
         init="monarch": the Monarch projection at the budget's block count, its rank-1 pieces as
             components on their blocks (``monarch_components``; rank 1); the remaining components
@@ -292,13 +225,11 @@ class GBLRLinear(StructuredLinear):
             free placeholders (one element of one axis).
         """
         out_features, in_features = weight.shape
-        K = cls._check(in_features, out_features, K, rank)
+        K = check_components(in_features, out_features, K, rank)
         if init == "fit":
             if rank_ratio is not None:
                 raise ValueError(f"rank_ratio sets init='lowrank''s full-width components; init='fit' fits the "
                                  f"widths to the budget itself, got rank_ratio={rank_ratio!r}")
-            from .fit import fit_gblr  # the fit builds on this module
-
             return fit_gblr(weight, bias, budget, K=K, rank=rank, sigma=sigma, seed=seed, gram=gram, steps=fit_steps)
         if init == "monarch":
             return cls._from_monarch(weight, bias, budget, K, rank, sigma, seed, gram)
@@ -322,6 +253,26 @@ class GBLRLinear(StructuredLinear):
         layer = cls(U, V, widths, locations, bias, sigma)
         layer.projection_error = relative_error(layer.to_dense(), weight)
         return layer
+
+    @classmethod
+    def probe(cls, weight, budget, **options):
+        """The conversion at one fit step (init="fit"), after the check that ``budget`` pays for one
+        full-width rank-1 component (in + out MACs per token): a GBLR layer below it has no full
+        component to start from, and one that learns its structure cannot grow one."""
+        out_features, in_features = weight.shape
+        if budget * in_features * out_features < in_features + out_features:
+            raise ValueError(f"budget {budget} is below one full-width rank-1 component of a {out_features}x"
+                             f"{in_features} GBLR layer ({in_features + out_features} MACs per token, budget "
+                             f">= {(in_features + out_features) / (in_features * out_features):.4g})")
+        quick = {**options, "fit_steps": 1} if options.get("init") == "fit" else options
+        return cls.from_dense(weight, None, budget, **quick)
+
+    @classmethod
+    def without_fit(cls, options):
+        """init="fit" becomes its start, init="lowrank" at the budget (the fit never costs more)."""
+        if options.get("init") != "fit":
+            return options
+        return {**{k: v for k, v in options.items() if k not in ("init", "fit_steps")}, "init": "lowrank"}
 
     @classmethod
     def _from_monarch(cls, weight, bias, budget, K, rank, sigma, seed, gram):
@@ -349,7 +300,7 @@ class GBLRLinear(StructuredLinear):
         """Random factors; every component at normalized width ``width_ratio`` on both axes (by
         default the largest equal width within budget, rounded down to whole elements so the
         layer never costs more than the budget), at random locations."""
-        K = cls._check(in_features, out_features, K, rank)
+        K = check_components(in_features, out_features, K, rank)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sizes = torch.tensor([[out_features], [in_features]], dtype=torch.float64)
         if width_ratio is None:
@@ -369,3 +320,33 @@ class GBLRLinear(StructuredLinear):
             raise ValueError(f"width_ratio={width_ratio} costs {layer.macs_per_token()} MACs per token, more than "
                              f"budget={budget} of {in_features * out_features}; lower width_ratio or raise the budget")
         return layer
+
+
+def fit_gblr(weight: torch.Tensor, bias: torch.Tensor | None, budget: float, *, K: int | None = None, rank: int = 1,
+             sigma: float | None = None, gram: torch.Tensor | None = None, svd_fallback: bool = True,
+             return_losses: bool = False, **options) -> GBLRLinear:
+    """A GBLRLinear of ``K`` rank-``rank`` components fitted to the (out, in) ``weight`` within
+    ``budget`` of its MACs (``gblr.layers.fit.fit_components``, which takes ``options``: steps, lr,
+    init, ...); ``bias`` (out,) or None is copied. svd_fallback: return the truncated SVD (GBLR's
+    init="lowrank") instead when it is better, on the output error with ``gram`` (in, in), else on
+    the weight's. The layer's ``projection_error`` (and ``output_error`` with ``gram``) are set, and
+    ``fit_losses`` per step of the kept run if asked."""
+    out_features, in_features = weight.shape
+    K = check_components(in_features, out_features, K, rank)
+    U, V, widths, locations, losses = fit_components(weight, budget, K=K, rank=rank, gram=gram, **options)
+    layer = GBLRLinear(U, V, widths, locations, bias, sigma)
+    assert layer.macs_per_token() <= budget * in_features * out_features, (layer.macs_per_token(), budget)
+    layer.projection_error = relative_error(layer.to_dense(), weight)
+    layer.output_error = None if gram is None else output_error(layer.to_dense(), weight, gram)
+    # The truncated SVD is a GBLR point too (init="lowrank": the top components at full width): on a
+    # weight without block structure it can beat the fit, so the fit never returns anything worse.
+    if svd_fallback:
+        svd = GBLRLinear.from_dense(weight, bias, budget, K=K, rank=rank, sigma=sigma, init="lowrank", gram=gram)
+        if gram is None and svd.projection_error < layer.projection_error:
+            layer = svd
+        elif gram is not None and output_error(svd.to_dense(), weight, gram) < layer.output_error:
+            layer = svd
+            layer.output_error = output_error(svd.to_dense(), weight, gram)
+    if return_losses:
+        layer.fit_losses = losses
+    return layer

@@ -2,12 +2,12 @@
 soft-threshold that brings a set of components within a MAC budget (docs/method.md, "The budget").
 
 They sit with the layers because the budgeted fit (``gblr.layers.fit``) projects with them as the
-training-time budget (``gblr.budget.Budget``) does: one rule for both.
+training-time budget (``gblr.structure.budget.Budget``) does: one rule for both.
 """
 import torch
 
 from .gaudi import hard_widths
-from .gblr import component_macs, structure_macs
+from .components import component_macs, structure_macs
 
 
 def width_prices(widths: torch.Tensor, sizes: torch.Tensor, ranks) -> torch.Tensor:

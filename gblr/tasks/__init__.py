@@ -8,7 +8,7 @@ the evaluation, and the tokens per example that the FLOP count uses. The runner 
     model, weights = task.build_model(allow_random_fallback=cfg.dry_run)
     task.loss(model, batch), task.evaluate(model), task.train_set, task.info, task.flop_tokens
     task.metric, task.higher_is_better     # e.g. "top1", True
-    task.calibration_batches(n, batch_size, seed)   # the calibration pass's batches (gblr.calibration)
+    task.calibration_batches(n, batch_size, seed)   # the calibration pass's batches (gblr.structure.calibration)
 
 Adding a model family is one class here and one file in configs/model/ (see the README).
 """
@@ -24,6 +24,6 @@ __all__ = ["Task", "CausalLM", "ImageClassification", "build_task"]
 def build_task(cfg, device) -> Task:
     """The task of ``cfg.model.task``: its ``_target_`` class, given the config, the device and the
     node's other keys (e.g. ``mixup``). Like ``hydra.utils.instantiate``, but a bad value raises
-    the task's own error (a ValueError naming it), not a wrapped one."""
+    the task's own error (a BadInput naming it), not a wrapped one."""
     settings = plain(cfg.model.task)
     return get_class(settings.pop("_target_"))(cfg, device, **settings)

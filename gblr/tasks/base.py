@@ -4,8 +4,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gblr import distributed
+from gblr.system import distributed
 from gblr.data import default_cache_dir
+from gblr.system.errors import BadInput
 
 
 def plain(node) -> dict:
@@ -28,8 +29,8 @@ class Task:
 
     def __init__(self, cfg, device):
         if cfg.data.name not in self.datasets:
-            raise ValueError(f"model={cfg.model.name} ({type(self).__name__}) takes data={' | '.join(self.datasets)}, "
-                             f"got data={cfg.data.name}")
+            raise BadInput(f"model={cfg.model.name} ({type(self).__name__}) takes data={' | '.join(self.datasets)}, "
+                           f"got data={cfg.data.name}")
         self.cfg, self.device = cfg, torch.device(device)  # "cpu" or a torch.device
         self.data, self.model_cfg = plain(cfg.data), plain(cfg.model)
         self.cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
@@ -55,11 +56,11 @@ class Task:
     def calibration_batches(self, n: int, batch_size: int, seed: int):
         """The first ``n`` global batches of ``batch_size`` training examples in the order of a
         permutation seeded by ``seed`` (the same on every rank), as batches ``loss`` takes; under
-        DDP this rank's slice of each. ValueError when the training split holds fewer than n batches."""
+        DDP this rank's slice of each. BadInput when the training split holds fewer than n batches."""
         if n * batch_size > len(self.train_set):
-            raise ValueError(f"weight.calibration.batches={n} of train.batch_size={batch_size} examples need "
-                             f"{n * batch_size}, but the training set has {len(self.train_set)}; use at most "
-                             f"{len(self.train_set) // batch_size} batches")
+            raise BadInput(f"weight.calibration.batches={n} of train.batch_size={batch_size} examples need "
+                           f"{n * batch_size}, but the training set has {len(self.train_set)}; use at most "
+                           f"{len(self.train_set) // batch_size} batches")
         order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed))
         per_rank, rank = batch_size // distributed.world_size(), distributed.rank()
         mine = order[: n * batch_size].view(n, batch_size)[:, rank * per_rank:(rank + 1) * per_rank]

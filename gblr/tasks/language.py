@@ -2,6 +2,7 @@
 from torch.nn import functional as F
 
 from gblr.tasks.base import Task
+from gblr.system.errors import BadInput
 
 GPT2_EOS_ID = 50256  # GPT2Config's bos/eos id
 
@@ -11,7 +12,7 @@ class CausalLM(Task):
 
     Training sees non-overlapping blocks of ``data.block_size`` tokens; evaluation scores the whole
     validation stream as exp(total token NLL / predicted tokens), in blocks or, with
-    ``data.eval_stride``, in sliding windows (``gblr.metrics.evaluate_perplexity``). The data config
+    ``data.eval_stride``, in sliding windows (``gblr.tasks.metrics.evaluate_perplexity``). The data config
     owns the vocabulary size (the model's embedding rows), the model config the context.
     """
 
@@ -20,7 +21,7 @@ class CausalLM(Task):
 
     @property
     def context(self) -> int:
-        from gblr.models import gpt2_context
+        from gblr.tasks.models import gpt2_context
 
         return gpt2_context(self.model_cfg["name"], self.model_cfg.get("kwargs", {}))
 
@@ -38,13 +39,13 @@ class CausalLM(Task):
             block_size=d["block_size"], vocab_size=d["vocab_size"], max_positions=self.context,
             eval_split=d.get("eval_split", "validation"))
         if self.info["vocab_size"] > d["vocab_size"]:  # an id beyond the embedding would fail deep inside the model
-            raise ValueError(f"the tokenizer ({self.info['tokenizer']}) has {self.info['vocab_size']} tokens but "
-                             f"data.vocab_size={d['vocab_size']} embedding rows; set data.vocab_size="
-                             f"{self.info['vocab_size']} (or more)")
+            raise BadInput(f"the tokenizer ({self.info['tokenizer']}) has {self.info['vocab_size']} tokens but "
+                           f"data.vocab_size={d['vocab_size']} embedding rows; set data.vocab_size="
+                           f"{self.info['vocab_size']} (or more)")
         self.train_set = TokenBlocks(train_tokens, d["block_size"])
 
     def build_model(self, allow_random_fallback: bool):
-        from gblr.models import build_gpt2
+        from gblr.tasks.models import build_gpt2
 
         m, vocab_size = self.model_cfg, self.data["vocab_size"]
         extra = {"vocab_size": vocab_size}
@@ -60,7 +61,7 @@ class CausalLM(Task):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
     def evaluate(self, model) -> dict:
-        from gblr.metrics import evaluate_perplexity
+        from gblr.tasks.metrics import evaluate_perplexity
 
         result = evaluate_perplexity(model, self.val_tokens, self.data["block_size"], self.cfg.train.eval_batch_size,
                                      stride=self.data.get("eval_stride"), device=self.device)

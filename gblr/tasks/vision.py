@@ -2,8 +2,8 @@
 import torch
 from torch.nn import functional as F
 
-from gblr import distributed
-from gblr.progress import progress
+from gblr.system import distributed
+from gblr.system.progress import progress
 from gblr.tasks.base import Task
 
 
@@ -26,13 +26,13 @@ class ImageClassification(Task):
 
     def load_data(self) -> None:
         from gblr.data.vision import build_vision_data
-        from gblr.models import vit_input_size
+        from gblr.tasks.models import vit_input_size
 
         d = self.data
         extra = {k: d[k] for k in ("auto_augment", "re_prob", "crop_pct", "interpolation", "augment") if k in d}
         mean_std = {k: tuple(d[k]) for k in ("mean", "std") if d.get(k)}
         if not mean_std:  # the pretrained weights' own normalization (read before any data)
-            from gblr.models import vit_data_config, vit_pretrained_cfg
+            from gblr.tasks.models import vit_data_config, vit_pretrained_cfg
 
             m = self.model_cfg
             mean_std = vit_data_config(vit_pretrained_cfg(m["name"], m.get("pretrained"), **m.get("kwargs", {}))) or {}
@@ -49,7 +49,7 @@ class ImageClassification(Task):
             self.soft_loss = SoftTargetCrossEntropy()  # Mixup's targets are label distributions
 
     def build_model(self, allow_random_fallback: bool):
-        from gblr.models import build_vit
+        from gblr.tasks.models import build_vit
 
         m = self.model_cfg
         return build_vit(m["name"], m.get("pretrained"), allow_random_fallback=allow_random_fallback,

@@ -4,7 +4,7 @@ fine-tune -> report.
 ``run(cfg) -> dict`` takes the composed config (configs/config.yaml) and writes ``results.json``
 in the run directory. Tests call it directly; run.py is a thin Hydra entry point over it. What
 differs between model families (data, model, loss, evaluation) is the task's (``gblr.tasks``),
-chosen by the model config; what holds the FLOP budget is ``gblr.budget.Budget``.
+chosen by the model config; what holds the FLOP budget is ``gblr.structure.budget.Budget``.
 """
 import contextlib
 import hashlib
@@ -15,19 +15,24 @@ from pathlib import Path
 
 import torch
 
-from gblr import distributed, export
-from gblr.budget import Budget
-from gblr.calibration import calibrate
-from gblr.flops import flop_report, per_layer_report
-from gblr.files import BadFile, check_writable, entry_problem, load_safely, locked, remove_temp_files, versions, \
+from gblr.system import distributed
+
+from gblr.run import export
+from gblr.layers import layer_class
+from gblr.structure.budget import Budget
+from gblr.structure.calibration import calibrate
+from gblr.structure.macs import mac_report, per_layer_report
+from gblr.system.files import BadFile, check_writable, entry_problem, load_safely, locked, remove_temp_files, versions, \
     write_entry, write_json
-from gblr.run_folder import check_folder, claimed, identity, resolve_run_dir
-from gblr.validate import check_config, check_conversion
-from gblr.surgery import _dense_weight, replace_layers, target_layers
+from gblr.run.folder import check_folder, claimed, identity, resolve_run_dir
+from gblr.run.validate import check_config, check_conversion
+from gblr.structure.surgery import dense_weight, replace_layers, target_layers
 from gblr.tasks import build_task, plain
-from gblr.rank_allocation import global_ranks
-from gblr.tracking import Logger
-from gblr.train import param_groups, train
+from gblr.structure.allocation import global_ranks
+from gblr.run.tracking import Logger
+from gblr.run.train import train
+from gblr.structure.optimizer import param_groups, training_groups
+from gblr.system.errors import BadInput
 
 log = logging.getLogger("gblr")
 
@@ -35,8 +40,8 @@ log = logging.getLogger("gblr")
 def run(cfg, skip_existing: bool = False) -> dict:
     """Run one experiment (see the module docstring); return the result written to results.json.
 
-    The whole config is checked first (``gblr.validate``); then the run folder is held for the run
-    (``gblr.run_folder``: one writer; its stored results or checkpoint are reused only when they are
+    The whole config is checked first (``gblr.run.validate``); then the run folder is held for the run
+    (``gblr.run.folder``: one writer; its stored results or checkpoint are reused only when they are
     of this run's identity). skip_existing: when the folder already holds this run's finished
     results.json (a rerun of a sweep), return it without running again.
     """
@@ -65,8 +70,8 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         task.load_data()  # a missing dataset fails before any model is built or downloaded
         for key in ("start", "train"):
             if cfg[key].batch_size > len(task.train_set):
-                raise ValueError(f"{key}.batch_size must be at most the training set's {len(task.train_set)} "
-                                 f"examples, got {cfg[key].batch_size}")
+                raise BadInput(f"{key}.batch_size must be at most the training set's {len(task.train_set)} "
+                               f"examples, got {cfg[key].batch_size}")
     torch.manual_seed(cfg.start.seed)
     model, weights = task.build_model(allow_random_fallback=cfg.dry_run)
     model.to(device)
@@ -109,13 +114,13 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         "model": cfg.model.name, "data": cfg.data.name, "weight": kind, "budget": budget, "seed": cfg.seed,
         "start_seed": cfg.start.seed, "metric": task.metric, "dry_run": bool(cfg.dry_run),
         "data_description": task.info["description"] if task.info else None, "weights": weights,
-        "metrics": metrics, "calibration": calibration, "flops": flop_report(model, task.flop_tokens),
+        "metrics": metrics, "calibration": calibration, "flops": mac_report(model, task.flop_tokens),
         "layers": per_layer_report(model), "structure": keeper.report() if keeper.layers else None,
         "history": history, "world_size": distributed.world_size(), "time_s": round(time.time() - start_time, 2),
         "versions": versions(), "config": plain(cfg), "identity": identity(cfg), "completed": True,
     }
     if distributed.is_main():
-        if not cfg.dry_run:  # the reported model, reusable: gblr.export.load(run_dir)
+        if not cfg.dry_run:  # the reported model, reusable: gblr.run.export.load(run_dir)
             result["export"] = export.save(run_dir, model, result, task.info)
         write_json(run_dir / "results.json", result)
         log.info(f"results: {run_dir / 'results.json'}")
@@ -150,21 +155,23 @@ def conversion_options(cfg) -> dict:
 
 
 def dry_run_options(kind: str, options: dict) -> dict:
-    """A dry run's conversion options: GBLR's budgeted fit (init=fit) is not run, since the budget
-    fixes the cost; the report counts the MACs of init=lowrank at the same budget (the fit's start)."""
-    if options.get("init") != "fit":
-        return options
-    log.info(f"dry run: the {kind} fit (init=fit) is not run; the MACs reported are those of its start at the "
-             f"budget (init=lowrank), which the fit never exceeds")
-    return {**{k: v for k, v in options.items() if k not in ("init", "fit_steps")}, "init": "lowrank"}
+    """A dry run's conversion options: a weight type's data fit (GBLR's init=fit) is not run, since the
+    budget fixes the cost; the report counts the MACs of the fit's start at the same budget."""
+    cheap = layer_class(kind).without_fit(options)
+    changed = [f"{k}={v}" for k, v in options.items() if k in cheap and cheap[k] != v]
+    if changed:
+        log.info(f"dry run: the {kind} fit ({', '.join(changed)}) is not run; the MACs reported are those of its "
+                 f"start at the budget ({', '.join(f'{k}={cheap[k]}' for k in cheap if cheap[k] != options.get(k))}), "
+                 f"which the fit never exceeds")
+    return cheap
 
 
 def layer_options(cfg, task, model, kind: str, budget: float) -> tuple[dict, dict | None]:
     """({layer name: conversion options of that layer}, the calibration report or None).
 
     weight.calibration.batches > 0: each target layer's input Gram from the calibration pass
-    (``gblr.calibration``) as its ``gram``; not in a dry run (no data) nor for dense layers.
-    weight.allocation=global: each low-rank layer's ``rank`` from ``gblr.rank_allocation``.
+    (``gblr.structure.calibration``) as its ``gram``; not in a dry run (no data) nor for dense layers.
+    weight.allocation=global: each low-rank layer's ``rank`` from ``gblr.structure.allocation``.
     """
     layers = target_layers(model, cfg.model.targets)
     batches, grams, report = cfg.weight.calibration.batches, {}, None
@@ -176,7 +183,7 @@ def layer_options(cfg, task, model, kind: str, budget: float) -> tuple[dict, dic
                  f"{report['seconds']:.2f} s; Grams (sum of in^2 x 8 bytes) {report['memory_bytes'] / 2**20:.2f} MiB")
     per_layer = {name: {"gram": gram} for name, gram in grams.items()}
     if cfg.weight.allocation == "global":
-        ranks = global_ranks({name: _dense_weight(m)[0] for name, m in layers}, budget, grams)
+        ranks = global_ranks({name: dense_weight(m)[0] for name, m in layers}, budget, grams)
         for name, rank in ranks.items():
             per_layer.setdefault(name, {})["rank"] = rank
         log.info(f"allocation=global: ranks {min(ranks.values())}..{max(ranks.values())} over {len(ranks)} layers")
@@ -198,7 +205,7 @@ def dense_start(cfg, task, model, device) -> dict | None:
 
     The cache key is the model, the data and every setting the start is trained with (``start``),
     so every weight type, budget and fine-tune seed of a sweep starts from the same dense model.
-    The entry is verified on load (key and checksum, ``gblr.files.entry_problem``); one that is
+    The entry is verified on load (key and checksum, ``gblr.system.files.entry_problem``); one that is
     corrupt or made for other settings is trained again, with a warning naming it. One process
     trains an entry while the others wait for it. Returns the start's metrics, or None when a
     preemption signal stopped its training (nothing is cached then).
@@ -249,7 +256,7 @@ def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: 
     metrics["converted_budget"] = keeper.current  # above the budget when weight.anneal converts at a multiple
     try:
         t = cfg.train
-        groups = param_groups(model, t.lr, t.weight_decay, apart=keeper.parameters()) + keeper.param_groups()
+        groups = training_groups(model, t.lr, t.weight_decay, keeper)
         outcome = train(model, task.train_set, task.loss, task.evaluate, plain(t), groups=groups, seed=cfg.seed,
                         device=device, checkpoint=run_dir / "checkpoint.pt", resume=cfg.resume, hooks=[keeper],
                         log=log.info, report=logger.log, desc="fine-tune", stamp=identity(cfg))

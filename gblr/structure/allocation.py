@@ -14,6 +14,7 @@ import heapq
 import torch
 
 from gblr.layers.whiten import gram_root
+from gblr.system.errors import BadInput
 
 
 def allocate_ranks(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], budget: float) -> list[int]:
@@ -21,7 +22,7 @@ def allocate_ranks(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], b
 
     spectra: per layer, its singular values (any order; min(out, in) of them or fewer).
     shapes: per layer, (out, in). budget: the layers' total MACs over their dense total, in (0, 1].
-    Every layer keeps rank >= 1 (ValueError when even that exceeds the budget); a rank is never
+    Every layer keeps rank >= 1 (BadInput when even that exceeds the budget); a rank is never
     above min(out, in). Returns the ranks, with sum r_l (in_l + out_l) <= budget * sum in_l out_l.
     With equal costs this is the best choice of ranks (the largest normalized energies overall).
     """
@@ -29,8 +30,8 @@ def allocate_ranks(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], b
     limit = budget * sum(o * i for o, i in shapes)
     spent = sum(costs)
     if spent > limit:
-        raise ValueError(f"budget {budget} is below rank 1 of every layer ({spent} MACs per token, the budget "
-                         f"allows {limit:.0f})")
+        raise BadInput(f"budget {budget} is below rank 1 of every layer ({spent} MACs per token, the budget "
+                       f"allows {limit:.0f})")
     energies = [normalized_energy(s)[: min(shape)] for s, shape in zip(spectra, shapes)]
     ranks = [1] * len(shapes)
     heap = [(-float(e[1]) / c, l) for l, (e, c) in enumerate(zip(energies, costs)) if len(e) > 1]
@@ -69,3 +70,19 @@ def global_ranks(weights: dict[str, torch.Tensor], budget: float, grams: dict | 
     spectra = [spectrum(weights[n], (grams or {}).get(n)) for n in names]
     ranks = allocate_ranks(spectra, [tuple(weights[n].shape) for n in names], budget)
     return dict(zip(names, ranks))
+
+
+def check_allocation(kind: str, allocation: str, options) -> None:
+    """weight.allocation=global chooses each low-rank layer's rank (``global_ranks``); it is
+    refused for the other weight types and alongside an explicit rank."""
+    if allocation != "global":
+        return
+    if kind != "lowrank":
+        why = {"gblr": "GBLR spreads its widths by weight.budget_mode",
+               "monarch": "per-layer block counts are not implemented",
+               "dense": "dense layers have no budget"}.get(kind, "it allocates low-rank ranks")
+        raise BadInput(f"weight.allocation must be uniform for weight={kind} ({why}), got 'global'; "
+                       f"global is for weight=lowrank")
+    if options.get("rank") is not None:
+        raise BadInput(f"weight.allocation=global chooses each layer's rank, but weight.options.rank="
+                       f"{options.get('rank')} fixes it; set weight.options.rank=null or weight.allocation=uniform")

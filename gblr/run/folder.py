@@ -16,7 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gblr.files import BadFile, load_safely, locked, remove_temp_files
+from gblr.system.files import BadFile, load_safely, locked, remove_temp_files
+from gblr.system.errors import BadInput
 
 log = logging.getLogger("gblr")
 
@@ -55,7 +56,7 @@ def differences(stored: dict, current: dict, limit: int = 4) -> str:
 @contextlib.contextmanager
 def claimed(run_dir: Path, main: bool = True):
     """Hold the folder's lock for the ``with`` block (main process only): a second run into it is refused
-    (``gblr.files.Busy``), temp files of a killed writer are removed, and a stale error.txt goes."""
+    (``gblr.system.files.Busy``), temp files of a killed writer are removed, and a stale error.txt goes."""
     if not main:
         yield
         return
@@ -69,7 +70,7 @@ def check_folder(cfg, run_dir: Path, skip_existing: bool) -> dict | None:
     """What the folder holds against this run (call it while holding the folder, see ``claimed``).
 
     Returns the stored result to reuse (``skip_existing``, finished, same identity), else None to run.
-    Raises ValueError when the folder holds another run's files (or files that cannot be read) and
+    Raises BadInput when the folder holds another run's files (or files that cannot be read) and
     fresh=true is not set; with fresh=true those files are moved aside.
     """
     me = identity(cfg)
@@ -95,8 +96,8 @@ def check_folder(cfg, run_dir: Path, skip_existing: bool) -> dict | None:
             problems.append(str(error).replace(str(checkpoint), checkpoint.name))
     if problems:
         if not cfg.get("fresh"):
-            raise ValueError(f"run folder {run_dir} holds another run: {'; '.join(problems)}. Choose another "
-                             f"out_dir, or set fresh=true to move those files aside and start over")
+            raise BadInput(f"run folder {run_dir} holds another run: {'; '.join(problems)}. Choose another "
+                           f"out_dir, or set fresh=true to move those files aside and start over")
         aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
         aside.mkdir(exist_ok=True)
         for name in RUN_FILES:
@@ -113,13 +114,19 @@ def check_folder(cfg, run_dir: Path, skip_existing: bool) -> dict | None:
 
 
 def resolve_run_dir(cfg) -> Path:
-    """cfg.out_dir, except in a multirun, where each job has its own folder (hydra.sweep.subdir)."""
+    """The run's one folder: under Hydra, its output folder (``hydra.run.dir``, which is ``out_dir``
+    unless set itself; in a multirun, the job's ``hydra.sweep.subdir``), so that .hydra/, run.log,
+    results.json, checkpoints and the export sit together whichever key the user set; else
+    ``out_dir`` (tests call run() directly). ``cfg.out_dir`` is set to it, so results.json records it."""
+    from omegaconf import open_dict
+
+    folder = Path(cfg.out_dir).expanduser()
     try:
         from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
 
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # not under Hydra (tests call run() directly)
+        folder = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under Hydra
         pass
-    return Path(cfg.out_dir).expanduser()
+    with open_dict(cfg):
+        cfg.out_dir = str(folder)
+    return folder

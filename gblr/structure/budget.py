@@ -18,14 +18,15 @@ from torch import nn
 from gblr.layers import GBLRLinear, component_macs
 from gblr.layers.gaudi import boxcar
 from gblr.layers.projection import project, width_prices
-from gblr.structure_optim import check_structure_optimizer, structure_groups
+from gblr.structure.optimizer import check_structure_optimizer, structure_groups
+from gblr.system.errors import BadInput
 
 BUDGET_MODES = ("global", "uniform", "penalty")
 
 
 def check_mode(mode: str) -> str:
     if mode not in BUDGET_MODES:
-        raise ValueError(f"weight.budget_mode must be one of {BUDGET_MODES}, got {mode!r}")
+        raise BadInput(f"weight.budget_mode must be one of {BUDGET_MODES}, got {mode!r}")
     return mode
 
 
@@ -118,7 +119,7 @@ class Budget:
     the end. ``sigma_schedule`` {start, end, hold_epochs} anneals the masks'
     Gaussian per epoch after ``hold_epochs``; ``finish`` makes the masks hard (sigma None).
     Widths and locations train without weight decay at ``structure_lr``, stepped as
-    ``structure_optimizer`` says (``gblr.structure_optim``: the paper's per-coordinate Adam, or
+    ``structure_optimizer`` says (``gblr.structure.optimizer``: the paper's per-coordinate Adam, or
     ``shared_adam``, whose step keeps the gradients' relative sizes).
     ``learn=False`` (or ``structure_lr`` 0) freezes the structure where the conversion and the
     budget put it: widths and locations get no gradient and no step, nothing projects them again

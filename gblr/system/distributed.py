@@ -10,6 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from gblr.system.errors import BadInput
+
 
 def _from_submitit() -> None:
     """Inside a multi-task submitit (Slurm) job, export the variables torchrun would have set
@@ -31,7 +33,7 @@ def setup(device_name: str) -> torch.device:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+        raise BadInput("device=cuda but no CUDA device is available; use device=cpu or device=auto")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:

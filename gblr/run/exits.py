@@ -19,10 +19,11 @@ from hydra.experimental.callback import Callback
 
 FINISHED, BUG, BAD_INPUT, DIVERGED, BUSY, STOPPED, SWEEP_FAILED = 0, 1, 2, 3, 4, 5, 6
 
-# Exception class name -> exit code, the most specific first (gblr.files.Busy and BadFile; BadFile is a
-# ValueError). Names, not classes, so that this table needs no import of torch.
-BY_EXCEPTION = (("Busy", BUSY), ("ValueError", BAD_INPUT), ("FileNotFoundError", BAD_INPUT),
-                ("FloatingPointError", DIVERGED))
+# Exception class name -> exit code, the most specific first: gblr.system.files.Busy, the project's own
+# bad-input errors (gblr.system.errors.BadInput and its subclasses, BadFile among them) and a non-finite
+# loss. Any other exception, a ValueError raised by a bug included, is exit 1 with its traceback.
+# Names, not classes, so that this table needs no import of torch.
+BY_EXCEPTION = (("Busy", BUSY), ("BadInput", BAD_INPUT), ("FloatingPointError", DIVERGED))
 
 
 def exit_code(error: BaseException) -> int | None:

@@ -19,7 +19,8 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block
 from transformers.pytorch_utils import Conv1D
 
 from gblr.layers import StructuredLinear
-from gblr.surgery import structured_layers
+from gblr.structure.surgery import structured_layers
+from gblr.system.errors import BadInput
 
 # Paper denominators. ViT-B/16: the paper's dense model, 17.2 G. GPT-2 small at 1024
 # tokens: 12 * (1024 * 768 * (2304 + 768 + 3072 + 3072) + 1024^2 * 768), printed as 9.66e10.
@@ -100,9 +101,9 @@ def vit_macs(model: VisionTransformer, tokens: int | None = None) -> dict:
     224 px: structured layers at 196 tokens, everything else as counted here, over 1.72e10.
     """
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"vit_macs needs a timm VisionTransformer, got {type(model).__name__}")
+        raise BadInput(f"vit_macs needs a timm VisionTransformer, got {type(model).__name__}")
     if model.global_pool == "map":
-        raise ValueError("attention-pooling heads (global_pool='map') are not counted; use 'token' or 'avg'")
+        raise BadInput("attention-pooling heads (global_pool='map') are not counted; use 'token' or 'avg'")
     prefix = model.num_prefix_tokens
     tokens = model.patch_embed.num_patches + prefix if tokens is None else tokens
     conv = model.patch_embed.proj
@@ -142,7 +143,7 @@ def gpt2_macs(model: nn.Module, seq_len: int | None = None) -> dict:
     """
     attentions = [m for m in model.modules() if isinstance(m, GPT2Attention)]
     if not attentions:
-        raise ValueError(f"gpt2_macs needs a Hugging Face GPT-2 model, got {type(model).__name__}")
+        raise BadInput(f"gpt2_macs needs a Hugging Face GPT-2 model, got {type(model).__name__}")
     tokens = model.config.n_positions if seq_len is None else seq_len
     attention_macs = sum(2 * tokens**2 * m.embed_dim for m in attentions)
     layers = [(name, tokens, mpt, dense, structured) for name, mpt, dense, structured in _linears(model)]
@@ -191,9 +192,10 @@ def per_layer_report(model: nn.Module) -> list[dict]:
     return rows
 
 
-def flop_report(model: nn.Module, tokens: int | None = None) -> dict:
-    """The FLOP block of results.json: counts in MACs and the three relative conventions
-    (``replaced`` is 1.0 for a model without structured layers)."""
+def mac_report(model: nn.Module, tokens: int | None = None) -> dict:
+    """results.json's ``flops`` block (the key keeps the paper's word): counts in MACs (``unit``) and
+    the relative costs in the three conventions, the same ratios in MACs as in FLOPs (``replaced`` is
+    1.0 for a model without structured layers)."""
     macs = count_macs(model, tokens)
     return {"unit": macs["unit"], "tokens": macs["tokens"], "macs": macs["macs"], "dense_macs": macs["dense_macs"],
             "replaced_macs": macs["replaced_macs"], "replaced_dense_macs": macs["replaced_dense_macs"],

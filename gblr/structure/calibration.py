@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from gblr import distributed
+from gblr.system import distributed
 
 
 def gram_bytes(layers: list[tuple[str, nn.Module]]) -> int:
@@ -29,7 +29,7 @@ def in_features(layer: nn.Module) -> int:
 def input_grams(model: nn.Module, layers: list[tuple[str, nn.Module]], batches, forward) -> tuple[dict, int]:
     """({name: G (in, in) float64}, tokens): each layer's sum of x x^T over the inputs it sees.
 
-    layers: [(name, module)] of ``model`` (``gblr.surgery.target_layers``). forward(model, batch)
+    layers: [(name, module)] of ``model`` (``gblr.structure.surgery.target_layers``). forward(model, batch)
     runs the model on one batch (the task's loss; its value is discarded). The model runs in eval
     mode (no dropout) and is left in the mode it had; its parameters and outputs are not changed.
     Under DDP each rank passes its own batches and the Grams and the token count are summed over

@@ -1,7 +1,8 @@
 """The model a finished run leaves: its weights as safetensors and a small JSON config, loadable in one line.
 
-    model = gblr.export.load("outputs/vit_tiny-digits/gblr-b0.3-s0")                  # the hard structure
-    model = gblr.export.load("outputs/vit_tiny-digits/gblr-b0.3-s0", inference=True)  # GBLR as to_inference
+    model = gblr.load("outputs/vit_tiny-digits/gblr-b0.3-s0")                  # the hard structure
+    model = gblr.load("outputs/vit_tiny-digits/gblr-b0.3-s0", inference=True)  # GBLR as to_inference
+    metrics = gblr.evaluate("outputs/vit_tiny-digits/gblr-b0.3-s0")            # on its task's data again
 
 The run folder gets ``model.safetensors`` (every parameter and buffer of the final model, the one
 ``results.json`` reports: after the last budget projection and the final evaluation) and
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gblr.files import atomic_write, write_json
+from gblr.system.files import atomic_write, write_json
+from gblr.system.errors import BadInput, MissingInput
 
 WEIGHTS, CONFIG = "model.safetensors", "model.json"
 FORMAT = "gblr-export/1"
@@ -33,7 +35,7 @@ def architecture(model: nn.Module) -> dict:
         return {"library": "transformers", "class": type(model).__name__, "config": model.config.to_dict()}
     if getattr(model, "pretrained_cfg", None) and hasattr(model, "_model_args"):  # made by timm.create_model
         return {"library": "timm", "architecture": model.pretrained_cfg["architecture"], "args": get_model_args(model)}
-    raise ValueError(f"cannot export a {type(model).__name__}: only timm.create_model and transformers models")
+    raise BadInput(f"cannot export a {type(model).__name__}: only timm.create_model and transformers models")
 
 
 def build_architecture(spec: dict) -> nn.Module:
@@ -46,14 +48,14 @@ def build_architecture(spec: dict) -> nn.Module:
         import transformers
 
         cls = getattr(transformers, spec["class"])
-        # eager attention, as gblr.models builds GPT-2, so that FLOP counters see the attention matmuls
+        # eager attention, as gblr.tasks.models builds GPT-2, so that FLOP counters see the attention matmuls
         return cls(cls.config_class.from_dict({**spec["config"], "attn_implementation": "eager"}))
-    raise ValueError(f"unknown model library {spec['library']!r} in an export; expected 'timm' or 'transformers'")
+    raise BadInput(f"unknown model library {spec['library']!r} in an export; expected 'timm' or 'transformers'")
 
 
 def layer_structure(model: nn.Module) -> list[dict]:
     """Per structured layer: name, weight type, shape, bias, build options, MACs per token."""
-    from gblr.surgery import structured_layers
+    from gblr.structure.surgery import structured_layers
 
     return [{"name": name, "kind": layer.kind, "in_features": layer.in_features, "out_features": layer.out_features,
              "bias": layer.bias is not None, "options": layer.build_options(), "macs_per_token": layer.macs_per_token()}
@@ -94,19 +96,19 @@ def load(path: str | Path, inference: bool = False, mode: str = "auto", device: 
     """
     from safetensors.torch import load_model
 
-    from gblr.layers import GBLRLinear, build, to_inference
-    from gblr.surgery import split_qkv
+    from gblr.layers import build
+    from gblr.structure.surgery import is_qkv_part, split_qkv, to_inference
 
     path = Path(path)
     folder = path.parent if path.is_file() else path
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise FileNotFoundError(f"no exported model in {folder}: expected {CONFIG} and {WEIGHTS} "
-                                f"(a finished run writes them)")
+        raise MissingInput(f"no exported model in {folder}: expected {CONFIG} and {WEIGHTS} "
+                           f"(a finished run writes them)")
     config = json.loads((folder / CONFIG).read_text())
     if config.get("format") != FORMAT:
-        raise ValueError(f"{folder / CONFIG} is not a gblr export (format {config.get('format')!r}, expected {FORMAT!r})")
+        raise BadInput(f"{folder / CONFIG} is not a gblr export (format {config.get('format')!r}, expected {FORMAT!r})")
     model = build_architecture(config["model"])
-    if any(layer["name"].rsplit(".", 1)[-1] in ("q", "k", "v") for layer in config["layers"]):
+    if any(is_qkv_part(layer["name"]) for layer in config["layers"]):
         split_qkv(model)  # the replaced q, k, v live where the fused qkv was
     for layer in config["layers"]:
         new = build(layer["kind"], layer["in_features"], layer["out_features"], 1.0, layer["bias"], **layer["options"])
@@ -115,8 +117,20 @@ def load(path: str | Path, inference: bool = False, mode: str = "auto", device: 
     model.to(dtype=getattr(torch, config["dtype"]))
     load_model(model, str(folder / WEIGHTS), strict=True)
     model.to(device).eval()
-    if inference:
-        for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, GBLRLinear)]:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, to_inference(layer, mode))
-    return model
+    return to_inference(model, mode) if inference else model
+
+
+def evaluate(path: str | Path, device: str = "cpu") -> dict:
+    """The exported model of the finished run in ``path`` evaluated on its task's validation data, as
+    its results.json's final metrics were (the same numbers on the same data): the metrics' dict."""
+    from omegaconf import OmegaConf
+
+    from gblr.tasks import build_task
+
+    folder = Path(path)
+    if not (folder / "results.json").is_file():
+        raise MissingInput(f"no results.json in {folder}: evaluate takes the folder of a finished run")
+    cfg = OmegaConf.create(json.loads((folder / "results.json").read_text())["config"])
+    task = build_task(cfg, torch.device(device))
+    task.load_data()
+    return task.evaluate(load(folder, device=device))

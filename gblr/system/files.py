@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
+from gblr.system.errors import BadInput
+
 log = logging.getLogger("gblr")
 TEMP_MARK = ".tmp-"
 
 
-class BadFile(ValueError):
+class BadFile(BadInput):
     """A file that cannot be loaded safely: truncated, corrupt, or holding more than tensors."""
 
 
@@ -99,15 +101,15 @@ def locked(path: str | Path, what: str, wait: bool = False):
 
     wait=False: raise ``Busy`` naming the holder when another process has it (a run folder);
     wait=True: wait for it, saying so once (a cache entry another run is building).
-    Raises ValueError when the lock cannot be created (the folder is not writable).
+    Raises BadInput when the lock cannot be created (the folder is not writable).
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")
     except OSError as error:
-        raise ValueError(f"{what}: cannot write in {path.parent} ({error.strerror}); "
-                         f"choose a writable folder") from None
+        raise BadInput(f"{what}: cannot write in {path.parent} ({error.strerror}); "
+                       f"choose a writable folder") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,7 +130,7 @@ def locked(path: str | Path, what: str, wait: bool = False):
 
 
 def check_writable(folder: str | Path, key: str) -> None:
-    """ValueError naming ``key`` unless ``folder`` exists or can be made, and a file can be written in it."""
+    """BadInput naming ``key`` unless ``folder`` exists or can be made, and a file can be written in it."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -136,8 +138,8 @@ def check_writable(folder: str | Path, key: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise ValueError(f"{key} {str(folder)!r} is not writable ({error.strerror}); choose a folder you can write "
-                         f"to") from None
+        raise BadInput(f"{key} {str(folder)!r} is not writable ({error.strerror}); choose a folder you can write "
+                       f"to") from None
 
 
 def checksum(path: str | Path) -> str:

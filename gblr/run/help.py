@@ -9,7 +9,7 @@ tens of milliseconds; run.py prints it before importing Hydra, torch or the runn
 import re
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from gblr.system.config import CONFIG_DIR
 
 # The sections of config.yaml whose settings are listed ("" = the top level).
 SETTINGS = ("", "train", "start")
@@ -23,7 +23,7 @@ EXAMPLES = """\
   python run.py experiment=vit_base_imagenet_ft weight=gblr data.root=/data/imagenet
   python run.py -m weight=lowrank,monarch,gblr budget=0.2,0.3 seed=0,1,2   a sweep (one job per point)
   python run.py -m sweep=mini_vision                         a preset grid (configs/sweep/)
-  python -c "import gblr.export as e; m = e.load('outputs/vit_tiny-digits/gblr-b0.3-s0')"   the exported model"""
+  python -c "import gblr.run.export as e; m = e.load('outputs/vit_tiny-digits/gblr-b0.3-s0')"   the exported model"""
 
 
 def _header(path: Path) -> str:

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gblr import distributed
-from gblr.progress import progress
+from gblr.system import distributed
+from gblr.system.progress import progress
+from gblr.system.errors import BadInput
 
 
 def _eval_windows(n_tokens: int, block_size: int, stride):
@@ -44,11 +45,11 @@ def evaluate_perplexity(model, tokens, block_size, batch_size, stride=None, devi
     """
     n = len(tokens)
     if block_size < 2:
-        raise ValueError(f"block_size={block_size}: a window needs at least 2 tokens to predict one")
+        raise BadInput(f"block_size={block_size}: a window needs at least 2 tokens to predict one")
     if n < block_size:
-        raise ValueError(f"only {n} tokens, fewer than one window of block_size={block_size}")
+        raise BadInput(f"only {n} tokens, fewer than one window of block_size={block_size}")
     if stride is not None and not 1 <= stride < block_size:
-        raise ValueError(
+        raise BadInput(
             f"stride={stride} must be in [1, block_size={block_size}); use stride=None for non-overlapping blocks"
         )
     windows = _eval_windows(n, block_size, stride)[distributed.rank()::distributed.world_size()]
@@ -88,6 +89,6 @@ def unigram_perplexity(train_tokens, val_tokens, vocab_size: int) -> float:
     """
     counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
     if counts.size > vocab_size:
-        raise ValueError(f"train_tokens has id {counts.size - 1} >= vocab_size={vocab_size}")
+        raise BadInput(f"train_tokens has id {counts.size - 1} >= vocab_size={vocab_size}")
     log_p = np.log(counts / counts.sum())
     return float(np.exp(-log_p[np.asarray(val_tokens)].mean()))

@@ -1,6 +1,6 @@
 """The whole config checked before any data is read or any model trained.
 
-Each failure is one ValueError (exit code 2) naming the key, the value and what is allowed. What
+Each failure is one BadInput (gblr.system.errors; exit code 2) naming the key, the value and what is allowed. What
 needs the model (a weight type's options, the budget each layer can meet) is checked by
 ``check_conversion`` on the freshly built model, before the dense start.
 """
@@ -9,10 +9,12 @@ import math
 from numbers import Integral, Real
 from pathlib import Path
 
-from gblr.budget import check_mode
+from gblr.structure.allocation import check_allocation
+from gblr.structure.budget import check_mode
 from gblr.layers import check_budget, layer_class
-from gblr.structure_optim import check_structure_optimizer
-from gblr.train import SCHEDULES
+from gblr.structure.optimizer import check_structure_optimizer
+from gblr.run.train import SCHEDULES
+from gblr.system.errors import BadInput, checks_input
 
 
 def integer(low: int):
@@ -59,18 +61,19 @@ RULES = {
 }
 
 
+@checks_input
 def check_config(cfg) -> None:
-    """ValueError for the first setting that is out of range (see RULES), a device, a weight type,
+    """BadInput for the first setting that is out of range (see RULES), a device, a weight type,
     budget mode or structure optimizer that does not exist, or a pretrained folder that is empty."""
     for key, (check, allowed) in RULES.items():
         value, present = lookup(cfg, key)
         if present and not check(value):
-            raise ValueError(f"{key} must be {allowed}, got {value!r}")
+            raise BadInput(f"{key} must be {allowed}, got {value!r}")
     check_budget(cfg.budget)
     anneal = cfg.weight.get("anneal")
     if anneal is not None and not (hasattr(anneal, "keys") and set(anneal.keys()) == {"factor", "epochs"}):
-        raise ValueError(f"weight.anneal must be null or {{factor, epochs}} (start at factor x budget, cut to the "
-                         f"budget over epochs), got {anneal!r}")
+        raise BadInput(f"weight.anneal must be null or {{factor, epochs}} (start at factor x budget, cut to the "
+                       f"budget over epochs), got {anneal!r}")
     layer_class(cfg.weight.kind)
     check_mode(cfg.weight.get("budget_mode", "global"))
     check_allocation(cfg.weight.kind, cfg.weight.get("allocation", "uniform"), cfg.weight.get("options") or {})
@@ -78,40 +81,24 @@ def check_config(cfg) -> None:
     check_structure_optimizer(cfg.train.structure_optimizer)
     device = str(cfg.device)
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        raise BadInput(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
     for key in ("train", "start"):
         loop = cfg[key]
         if loop.batch_size % loop.grad_accum:
-            raise ValueError(f"{key}.batch_size ({loop.batch_size}, the global batch) must be a multiple of "
-                             f"{key}.grad_accum ({loop.grad_accum})")
+            raise BadInput(f"{key}.batch_size ({loop.batch_size}, the global batch) must be a multiple of "
+                           f"{key}.grad_accum ({loop.grad_accum})")
     pretrained = cfg.model.get("pretrained")
     if pretrained and Path(str(pretrained)).expanduser().is_dir() and not any(Path(str(pretrained)).expanduser().iterdir()):
-        raise ValueError(f"model.pretrained {pretrained!r} is an empty folder; give the folder or file that holds "
-                         f"the weights, or pretrained=null for random init")
-
-
-def check_allocation(kind: str, allocation: str, options) -> None:
-    """weight.allocation=global chooses each low-rank layer's rank (``gblr.rank_allocation``); it is
-    refused for the other weight types and alongside an explicit rank."""
-    if allocation != "global":
-        return
-    if kind != "lowrank":
-        why = {"gblr": "GBLR spreads its widths by weight.budget_mode",
-               "monarch": "per-layer block counts are not implemented",
-               "dense": "dense layers have no budget"}.get(kind, "it allocates low-rank ranks")
-        raise ValueError(f"weight.allocation must be uniform for weight={kind} ({why}), got 'global'; "
-                         f"global is for weight=lowrank")
-    if options.get("rank") is not None:
-        raise ValueError(f"weight.allocation=global chooses each layer's rank, but weight.options.rank="
-                         f"{options.get('rank')} fixes it; set weight.options.rank=null or weight.allocation=uniform")
+        raise BadInput(f"model.pretrained {pretrained!r} is an empty folder; give the folder or file that holds "
+                       f"the weights, or pretrained=null for random init")
 
 
 def check_calibration(kind: str, batches: int) -> None:
     """A calibration pass needs a projection that takes the layers' input Grams (``gram``); dense
     layers ignore it."""
     if batches and kind != "dense" and "gram" not in inspect.signature(layer_class(kind).from_dense).parameters:
-        raise ValueError(f"weight.calibration.batches={batches}, but weight={kind}'s projection takes no input Gram "
-                         f"(gram); set weight.calibration.batches=0")
+        raise BadInput(f"weight.calibration.batches={batches}, but weight={kind}'s projection takes no input Gram "
+                       f"(gram); set weight.calibration.batches=0")
 
 
 def lookup(cfg, dotted: str):
@@ -124,44 +111,30 @@ def lookup(cfg, dotted: str):
 
 
 def check_options(kind: str, options: dict) -> None:
-    """ValueError naming options that weight type ``kind`` does not take (a typo such as rnak)."""
-    allowed = {"init", "fit_steps"} if kind == "gblr" else set()  # gblr.fit.from_dense's own
+    """BadInput naming options that weight type ``kind`` does not take (a typo such as rnak)."""
     signature = inspect.signature(layer_class(kind).from_dense)
-    allowed |= {name for name in signature.parameters if name not in ("weight", "bias", "budget", "gram")}
+    allowed = {name for name in signature.parameters if name not in ("weight", "bias", "budget", "gram")}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"weight.options {unknown} are not options of weight={kind}; it takes "
-                         f"{', '.join(sorted(allowed)) or 'none'}")
+        raise BadInput(f"weight.options {unknown} are not options of weight={kind}; it takes "
+                       f"{', '.join(sorted(allowed)) or 'none'}")
 
 
+@checks_input
 def check_conversion(model, targets, kind: str, budget: float, options: dict) -> None:
-    """Convert one layer of each distinct shape among ``targets`` (on its current weights) so that a
-    budget a layer cannot meet, or a bad option value, fails now and not after the dense start."""
-    import torch
-
-    from gblr.fit import from_dense
-    from gblr.surgery import default_targets, _dense_weight, _matches
+    """Convert one layer of each distinct shape among ``targets`` (on its current weights, quickly:
+    ``gblr.layers.probe``) so that a budget a layer cannot meet, or a bad option value, fails now and
+    not after the dense start."""
+    from gblr.layers import probe
+    from gblr.structure.surgery import target_weights
 
     check_options(kind, options)
-    targets = default_targets(model) if targets is None else [targets] if isinstance(targets, str) else list(targets)
-    split = [t.rpartition(".")[0] + ".qkv" for t in targets if t.split(".")[-1] in ("q", "k", "v")]
     seen = set()
-    for name, module in model.named_modules():
-        fused = any(_matches(name, t) for t in split)  # timm's fused qkv, split into three square layers later
-        if not (fused or any(_matches(name, t) for t in targets)) or not isinstance(getattr(module, "weight", None),
-                                                                                    torch.Tensor):
-            continue
-        weight, _ = _dense_weight(module)
-        weight = weight[: weight.shape[0] // 3] if fused else weight
-        name = name[:-2] if fused else name  # attn.q: the first of the three square layers
-        if weight.dim() != 2 or tuple(weight.shape) in seen:
+    for name, weight in target_weights(model, targets):
+        if tuple(weight.shape) in seen:
             continue
         seen.add(tuple(weight.shape))
-        out_features, in_features = weight.shape
-        if kind == "gblr" and budget * in_features * out_features < in_features + out_features:
-            raise ValueError(f"budget {budget} is below one full-width rank-1 component of the {out_features}x"
-                             f"{in_features} layer {name} ({in_features + out_features} MACs per token, budget "
-                             f">= {(in_features + out_features) / (in_features * out_features):.4g})")
-        probe = {**options, "fit_steps": 1} if options.get("init") == "fit" else options
-        with torch.no_grad():
-            from_dense(kind, weight.detach().float().cpu(), None, budget, **probe)
+        try:
+            probe(kind, weight.detach().float().cpu(), budget, **options)
+        except ValueError as error:
+            raise BadInput(f"layer {name}: {error}") from None

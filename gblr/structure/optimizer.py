@@ -1,7 +1,7 @@
 """How the GBLR widths are stepped: the optimizer choice behind ``train.structure_optimizer``.
 
 The widths of all layers compete for one MAC budget: after every step the projection
-(``gblr.budget.project_widths``) cuts each width by tau times its MAC price. That is the Euclidean
+(``gblr.structure.budget.project_widths``) cuts each width by tau times its MAC price. That is the Euclidean
 projection onto the budget, so the pair (step, projection) settles where each width's marginal
 loss per MAC is the same -- the allocation that follows the loss -- only if the step keeps the
 gradients' relative sizes.
@@ -19,20 +19,23 @@ gradients' relative sizes.
                  scripts/bench_allocation.py). Locations, which do not compete for anything, keep
                  the per-coordinate Adam of ``adam``.
 
-On a student-teacher MLP with two hard and two easy layers (gblr.synthetic, 5 seeds) ``adam`` sends
+On a student-teacher MLP with two hard and two easy layers (synthetic, 5 seeds) ``adam`` sends
 the MACs to the easy layers and ``shared_adam`` to the hard ones, at a 39% (paper's GPT-2 start) or
 11% (low-rank start) lower loss (scripts/bench_allocation.py). Most of that gain is the quieter
 step: against the uniform ablation with the same optimizer the reallocation's own gain in loss is
 within noise there.
 """
 import torch
+from torch import nn
+
+from gblr.system.errors import BadInput
 
 STRUCTURE_OPTIMIZERS = ("adam", "shared_adam")
 
 
 def check_structure_optimizer(name: str) -> str:
     if name not in STRUCTURE_OPTIMIZERS:
-        raise ValueError(f"train.structure_optimizer must be one of {STRUCTURE_OPTIMIZERS}, got {name!r}")
+        raise BadInput(f"train.structure_optimizer must be one of {STRUCTURE_OPTIMIZERS}, got {name!r}")
     return name
 
 
@@ -57,6 +60,39 @@ def structure_groups(named: list[tuple[str, torch.Tensor]], lr: float, optimizer
     return [group for group in ({"params": widths, **common, "betas": width_betas, "shared_norm": True},
                                 {"params": others, **common})
             if group["params"]]
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, apart=()) -> list[dict]:
+    """AdamW groups: decayed weights; biases, norms and embeddings without decay. Parameters in
+    ``apart`` are left out: their owner adds a group of its own (``gblr.structure.budget.Budget`` does, for
+    the GBLR widths and locations: ``training_groups``)."""
+    skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    apart = {id(p) for p in apart}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in apart:
+            continue
+        if p.ndim <= 1 or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def training_groups(model: nn.Module, lr: float, weight_decay: float, keeper=None) -> list[dict]:
+    """Every trainable parameter's group for ``build_optimizer``: the weights' (``param_groups``) and,
+    given a ``gblr.structure.budget.Budget``, its structure's own (widths and locations)."""
+    if keeper is None:
+        return param_groups(model, lr, weight_decay)
+    return param_groups(model, lr, weight_decay, apart=keeper.parameters()) + keeper.param_groups()
+
+
+def optimizer_for(model: nn.Module, lr: float, weight_decay: float = 0.0, keeper=None,
+                  betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """AdamW over ``training_groups``: what the runner fine-tunes a structured model with."""
+    return build_optimizer(training_groups(model, lr, weight_decay, keeper), betas)
 
 
 def build_optimizer(groups: list[dict], betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:

@@ -16,13 +16,12 @@ or ``hf download`` write it; GPT-2: a ``save_pretrained`` folder), or a hub name
 library's: timm ``create_model(pretrained=True)`` (its checkpoint filter resizes position
 embeddings, a classifier of another size is left at random init) and transformers
 ``from_pretrained``; both read the Hugging Face cache first, and only the cache when
-HF_HUB_OFFLINE=1. Weights that cannot be had raise ``gblr.hub.WeightsNotFound`` (a ValueError naming
+HF_HUB_OFFLINE=1. Weights that cannot be had raise ``gblr.system.hub.WeightsNotFound`` (a BadInput naming
 the ``hf download`` command) or FileNotFoundError (a missing local path). With
 ``allow_random_fallback=True`` those two give a random-init model instead and ``weights`` says why
 (the runner's dry run, whose FLOP report does not depend on the weights); a file that exists but
 does not fit the model always raises.
 """
-import os
 
 import timm
 from omegaconf import OmegaConf
@@ -30,8 +29,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gblr.config import CONFIG_DIR
-from gblr.hub import WeightsNotFound, find_pretrained, hub_offline, missing_weights
+from gblr.system.config import CONFIG_DIR
+from gblr.system.hub import WeightsNotFound, find_pretrained, hub_offline, missing_weights
+from gblr.system.errors import BadInput
 
 # The timm architecture behind both ViTs (vit_tiny overrides its size with VIT_TINY).
 VIT_ARCH = "vit_base_patch16_224"
@@ -64,11 +64,11 @@ def _read_state_dict(path: str) -> dict:
     try:
         return timm.models.load_state_dict(path)
     except Exception as error:  # a corrupt or foreign file: say which file and why
-        raise ValueError(f"could not read pretrained weights from {path!r}: {type(error).__name__}: {error}") from error
+        raise BadInput(f"could not read pretrained weights from {path!r}: {type(error).__name__}: {error}") from error
 
 
 def _check_fit(model: torch.nn.Module, state: dict, path: str, skip=(), check_shapes: bool = True) -> None:
-    """ValueError unless ``state`` has exactly the model's keys (but ``skip``), with the model's shapes
+    """BadInput unless ``state`` has exactly the model's keys (but ``skip``), with the model's shapes
     when ``check_shapes`` (timm's checkpoint filter resizes position and patch embeddings itself).
 
     A tied parameter (GPT-2's lm_head.weight is wte.weight) counts as present under any of its names.
@@ -83,10 +83,10 @@ def _check_fit(model: torch.nn.Module, state: dict, path: str, skip=(), check_sh
     shapes = [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
               for key in state if key in own and key not in skip and state[key].shape != own[key].shape] if check_shapes else []
     if missing or unexpected or shapes:
-        raise ValueError(f"pretrained weights {path!r} do not fit the model: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}. "
-                         f"Check that the model name and its options match the checkpoint.")
+        raise BadInput(f"pretrained weights {path!r} do not fit the model: missing {missing[:5]}"
+                       f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                       f"{' ...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}. "
+                       f"Check that the model name and its options match the checkpoint.")
 
 
 def _locate_or_fallback(pretrained, allow_random_fallback: bool) -> tuple[str, str | None, str | None]:
@@ -105,7 +105,7 @@ def _random_init_note(pretrained, error: Exception) -> str:
 
 def _vit_args(name: str, kwargs: dict) -> dict:
     if name not in ("vit_base", "vit_tiny"):
-        raise ValueError(f"unknown ViT {name!r}; choose 'vit_base' or 'vit_tiny'")
+        raise BadInput(f"unknown ViT {name!r}; choose 'vit_base' or 'vit_tiny'")
     return {**VIT_TINY, **kwargs} if name == "vit_tiny" else dict(kwargs)
 
 
@@ -123,8 +123,8 @@ def vit_pretrained_cfg(name: str, pretrained: str | None, **kwargs) -> dict | No
         try:
             return load_model_config_from_path(source)[0]
         except KeyError as error:  # a config.json without timm's "architecture"
-            raise ValueError(f"{source!r} is not a timm model folder (config.json lacks {error}); a ViT folder "
-                             f"holds timm's config.json + model.safetensors, as timm.models.save_for_hf writes them") from None
+            raise BadInput(f"{source!r} is not a timm model folder (config.json lacks {error}); a ViT folder "
+                           f"holds timm's config.json + model.safetensors, as timm.models.save_for_hf writes them") from None
     if where == "hub":
         try:
             return load_model_config_from_hf(source)[0]
@@ -183,26 +183,26 @@ def build_vit(name: str, pretrained: str | None = None, allow_random_fallback: b
     else:
         model = timm.create_model(VIT_ARCH, **args)
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"pretrained={pretrained!r} holds a {type(model).__name__}, not a timm VisionTransformer")
+        raise BadInput(f"pretrained={pretrained!r} holds a {type(model).__name__}, not a timm VisionTransformer")
     return model, note or "random init"
 
 
 def _create_vit(model_name: str, source: str, **kwargs) -> torch.nn.Module:
     """timm.create_model(model_name, pretrained=True), its errors as ours: missing hub weights as
-    WeightsNotFound, weights that do not fit as a ValueError naming ``source``."""
+    WeightsNotFound, weights that do not fit as a BadInput naming ``source``."""
     try:
         return timm.create_model(model_name, pretrained=True, **kwargs)
     except OSError as error:
         if model_name.startswith("hf-hub:"):
             raise missing_weights(source, error) from None
-        raise ValueError(f"could not read pretrained weights from {source!r}: {type(error).__name__}: {error}") from None
+        raise BadInput(f"could not read pretrained weights from {source!r}: {type(error).__name__}: {error}") from None
     except KeyError as error:  # a config.json without timm's "architecture"
-        raise ValueError(f"{source!r} is not a timm model folder (config.json lacks {error}); a ViT folder holds "
-                         f"timm's config.json + model.safetensors, as timm.models.save_for_hf writes them") from None
+        raise BadInput(f"{source!r} is not a timm model folder (config.json lacks {error}); a ViT folder holds "
+                       f"timm's config.json + model.safetensors, as timm.models.save_for_hf writes them") from None
     except RuntimeError as error:  # load_state_dict's missing / unexpected keys, shape mismatches
         first = str(error).strip().splitlines()
-        raise ValueError(f"pretrained weights {source!r} do not fit the model: "
-                         f"{' '.join(line.strip() for line in first[:3])}") from None
+        raise BadInput(f"pretrained weights {source!r} do not fit the model: "
+                       f"{' '.join(line.strip() for line in first[:3])}") from None
 
 
 def build_gpt2(name: str, pretrained: str | None = None, allow_random_fallback: bool = False,
@@ -218,7 +218,7 @@ def build_gpt2(name: str, pretrained: str | None = None, allow_random_fallback: 
     (B, T, vocab_size).
     """
     if name not in ("gpt2", "gpt2_tiny"):
-        raise ValueError(f"unknown GPT-2 {name!r}; choose 'gpt2' or 'gpt2_tiny'")
+        raise BadInput(f"unknown GPT-2 {name!r}; choose 'gpt2' or 'gpt2_tiny'")
     where, source, note = _locate_or_fallback(pretrained, allow_random_fallback)
     if where in ("hub", "dir"):
         try:
@@ -228,7 +228,7 @@ def build_gpt2(name: str, pretrained: str | None = None, allow_random_fallback: 
             return model, f"{'hub' if where == 'hub' else 'local folder'} {source}"
         except OSError as error:
             if where == "dir":
-                raise ValueError(f"could not read pretrained weights from {source!r}: {error}") from None
+                raise BadInput(f"could not read pretrained weights from {source!r}: {error}") from None
             if not allow_random_fallback:
                 raise missing_weights(source, error) from None
             note = _random_init_note(source, missing_weights(source, error))

@@ -9,7 +9,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from gblr import distributed
+from gblr.system import distributed
 
 log = logging.getLogger("gblr")
 

@@ -8,7 +8,7 @@ component lowers the loss). Both have the
 same Frobenius norm. The student is the teacher with every layer turned into GBLR by the low-rank
 start at ``budget`` (the runner's recipe: the same rank in every layer), then fine-tuned on fresh
 Gaussian inputs to the teacher's outputs, its widths kept within the budget after every step by
-``gblr.budget.Budget`` (global: one total for all layers; uniform: each layer its own). The loss is the
+``gblr.structure.budget.Budget`` (global: one total for all layers; uniform: each layer its own). The loss is the
 mean squared error over the teacher output's mean square, on a fixed test set.
 """
 import math
@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from gblr.layers import GBLRLinear
-from gblr.budget import Budget
-from gblr.structure_optim import build_optimizer, structure_groups
-from gblr.train import lr_factor, param_groups
+from gblr.structure.budget import Budget
+from gblr.structure.optimizer import build_optimizer, structure_groups
+from gblr.run.train import lr_factor
+from gblr.structure.optimizer import param_groups
 
 KINDS = ("hard", "easy", "hard", "easy")
 

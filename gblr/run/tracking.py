@@ -15,7 +15,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gblr.files import atomic_write
+from gblr.system.files import atomic_write
+from gblr.system.errors import BadInput
 
 ID_FILE = "wandb_id"
 
@@ -49,12 +50,12 @@ class Logger:
     def __init__(self, cfg, run_dir: Path, enabled: bool = True):
         self.run = None
         if cfg.logger.name not in ("none", "wandb"):
-            raise ValueError(f"logger must be 'none' or 'wandb', got {cfg.logger.name!r}")
+            raise BadInput(f"logger must be 'none' or 'wandb', got {cfg.logger.name!r}")
         if cfg.logger.name == "wandb" and enabled:
             try:
                 import wandb
             except ImportError as error:
-                raise ValueError("logger=wandb needs the wandb package: pip install wandb") from error
+                raise BadInput("logger=wandb needs the wandb package: pip install wandb") from error
             run_dir.mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"),
                                   group=cfg.logger.get("group") or sweep_name(),

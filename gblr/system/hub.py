@@ -7,6 +7,8 @@ what it lacks, and with ``HF_HUB_OFFLINE=1`` read the cache alone. Nothing here 
 import os
 from pathlib import Path
 
+from gblr.system.errors import BadInput, MissingInput
+
 # A pretrained= string ending in one of these names a local weights file, never a hub name.
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
@@ -17,7 +19,7 @@ def hub_offline() -> bool:
                for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-class WeightsNotFound(ValueError):
+class WeightsNotFound(BadInput):
     """Pretrained weights named by a hub name are neither in the Hugging Face cache nor downloadable."""
 
 
@@ -35,9 +37,9 @@ def find_pretrained(pretrained: str | os.PathLike | None) -> tuple[str, str | No
     if path.exists():
         return ("dir" if path.is_dir() else "file"), str(path)
     if isinstance(pretrained, os.PathLike) or text.startswith(("/", ".", "~")) or text.endswith(WEIGHT_SUFFIXES):
-        raise FileNotFoundError(f"pretrained weights not found: {text!r} does not exist. Give an existing "
-                                f"state-dict file ({', '.join(WEIGHT_SUFFIXES)}) or model folder, or "
-                                f"pretrained=null for random init.")
+        raise MissingInput(f"pretrained weights not found: {text!r} does not exist. Give an existing "
+                           f"state-dict file ({', '.join(WEIGHT_SUFFIXES)}) or model folder, or "
+                           f"pretrained=null for random init.")
     return "hub", text.removeprefix("hf-hub:")
 
 
