@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gblr.analysis import CONVENTIONS, collect, write_report
+from gblr.report.stats import CONVENTIONS, collect, write_report
 
 
 def main(argv=None) -> dict:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from gblr.analysis import (aggregate, allocation, collect, layer_site, load_reference, load_run, metric_of,
+from gblr.report.stats import (aggregate, allocation, collect, layer_site, load_reference, load_run, metric_of,
                            mixed_settings, paper_entry, write_report)
 
 REFERENCE = [
@@ -143,7 +143,7 @@ def test_write_report_writes_only_the_figures_it_has_data_for(tmp_path):
 
 
 def test_paired_differences_pair_by_start_and_seed_and_give_a_t_interval():
-    from gblr.analysis import paired_differences
+    from gblr.report.stats import paired_differences
 
     # Three pairs; GBLR's perplexity is 1, 2 and 3 below low-rank's: mean -2, sd 1, t(0.975, 2) = 4.303.
     runs = [result("lowrank", seed=s, value=20.0 + s, start_seed=7) for s in range(3)]
@@ -163,7 +163,7 @@ def test_paired_differences_pair_by_start_and_seed_and_give_a_t_interval():
 
 
 def test_paired_differences_compare_the_global_budget_with_its_uniform_ablation():
-    from gblr.analysis import paired_differences
+    from gblr.report.stats import paired_differences
 
     runs = [result("gblr", seed=s, value=10.0 + s, mode=mode) for s in range(4) for mode in ("global", "uniform")]
     [row] = paired_differences(runs, "lowrank")
@@ -172,7 +172,7 @@ def test_paired_differences_compare_the_global_budget_with_its_uniform_ablation(
 
 
 def test_variants_name_the_ablations_and_are_compared_with_their_plain_arm():
-    from gblr.analysis import budget_mode, paired_differences
+    from gblr.report.stats import budget_mode, paired_differences
 
     frozen = {"config": {"weight": {"budget_mode": "global", "learn_structure": False}}}
     calibrated = {"config": {"weight": {"calibration": {"batches": 8}}}}
@@ -191,7 +191,7 @@ def test_variants_name_the_ablations_and_are_compared_with_their_plain_arm():
 
 
 def test_an_annealed_arm_is_compared_with_the_frozen_one_and_has_no_before_fine_tuning_figure():
-    from gblr.analysis import aggregate, paired_differences
+    from gblr.report.stats import aggregate, paired_differences
 
     annealed = {"config": {"weight": {"budget_mode": "global", "anneal": {"factor": 3, "epochs": 1}}}}
     frozen = {"config": {"weight": {"budget_mode": "global", "learn_structure": False}}}

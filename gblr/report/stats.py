@@ -1,5 +1,5 @@
 """The analysis of finished runs behind scripts/report.py: collect results.json files, aggregate
-them over seeds, match the paper's numbers (gblr/reference.json), write tables and figures.
+them over seeds, match the paper's numbers (gblr/report/reference.json), write tables and figures.
 
 A result is one run's results.json (gblr.runner.run). Its metric is whichever of ``top1``
 (validation top-1 accuracy, %) or ``ppl`` (validation perplexity) it holds, so vision and language
@@ -30,7 +30,7 @@ FIGURES = {"top1": "acc_vs_flops.png", "ppl": "ppl_vs_flops.png"}
 
 def load_reference() -> dict:
     """The paper's numbers: {"settings": {setting: description}, "entries": [entry, ...]}."""
-    return json.loads(resources.files("gblr").joinpath("reference.json").read_text())
+    return json.loads(resources.files("gblr.report").joinpath("reference.json").read_text())
 
 
 # --- collecting ----------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def markdown(rows, starts, results, skipped, settings, figures, paired=()) -> st
             lines.append("| " + " | ".join(cells + [paper_cell(r["paper"])] * with_paper) + " |")
         if mixed := mixed_settings(runs):
             lines += ["", "**Warning: these runs differ in settings other than weight, budget and seed:** " + "; ".join(mixed)]
-        lines += [""] + [f"- paper, {s}: {settings[s]} (gblr/reference.json)"
+        lines += [""] + [f"- paper, {s}: {settings[s]} (gblr/report/reference.json)"
                          for s in dict.fromkeys(r["paper_setting"] for r in table if r["paper"])]
         mine = [p for p in paired if (p["model"], p["data"]) == (model, data)]
         if mine:
