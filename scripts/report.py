@@ -5,19 +5,20 @@
 Writes to --out (default: the first folder): results.csv (one row per model/data/weight/budget
 mode/budget: relative MACs in the conventions replaced, model, paper; the metric's mean and std over
 seeds), runs.csv (one row per run), results.md (those rows per model/data, the dense start as a
-reference, the paper's number beside a row matching a setting of gblr/reference.json, the learned
+reference, the paper's number beside a row matching a setting of gblr/report/reference.json, the learned
 GBLR allocation, the runs skipped and why), acc_vs_flops.png / ppl_vs_flops.png (metric against
 relative MACs, one line per weight type, error bars over seeds), allocation.png (learned GBLR MACs
 per layer type and depth, the paper's Table 3) and layout.png (learned block layout of GBLR layers,
 the paper's Figure 4, from a run's checkpoint.pt). A run is skipped, and listed with the reason,
 when its results.json is missing (a crashed job has error.txt, an interrupted one checkpoint.pt),
-unreadable (partial), a dry run or incomplete. The work is done by gblr.analysis.
+unreadable (partial), a dry run or incomplete. The work is done by gblr.report.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from gblr.analysis import CONVENTIONS, collect, write_report
+from gblr.report.collect import CONVENTIONS, collect
+from gblr.report.write import write_report
 
 
 def main(argv=None) -> dict:

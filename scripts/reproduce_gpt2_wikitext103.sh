@@ -3,7 +3,7 @@
 # dense, low-rank (rank 192), Monarch (4 blocks) and GBLR (quarter widths) in attn.c_attn, mlp.c_fc
 # and mlp.c_proj, all at 43.75% relative MACs in the paper convention, fine-tuned 10 epochs;
 # perplexity on the validation split. The paper: dense 19.36, low-rank 19.48, Monarch 20.56,
-# GBLR 19.24 (gblr/reference.json; report.py puts them beside the matching rows).
+# GBLR 19.24 (gblr/report/reference.json; report.py puts them beside the matching rows).
 # Ends in scripts/report.py -> results/gpt2_wikitext103/.
 #
 # Needs:

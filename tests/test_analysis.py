@@ -1,10 +1,12 @@
-"""gblr.analysis on hand-made results: skip reasons, aggregation over seeds, the paper's numbers."""
+"""gblr.report on hand-made results: skip reasons, aggregation over seeds, the paper's numbers."""
 import json
 
 import pytest
 
-from gblr.analysis import (aggregate, allocation, collect, layer_site, load_reference, load_run, metric_of,
-                           mixed_settings, paper_entry, write_report)
+from gblr.report.collect import collect, layer_site, load_run, metric_of, mixed_settings
+from gblr.report.stats import aggregate, allocation
+from gblr.report.tables import load_reference, paper_entry
+from gblr.report.write import write_report
 
 REFERENCE = [
     {"setting": "ft", "recipe": "fine-tune", "model": "gpt2", "data": "wt", "weight": "dense", "value": 19.0,
@@ -143,7 +145,7 @@ def test_write_report_writes_only_the_figures_it_has_data_for(tmp_path):
 
 
 def test_paired_differences_pair_by_start_and_seed_and_give_a_t_interval():
-    from gblr.analysis import paired_differences
+    from gblr.report.stats import paired_differences
 
     # Three pairs; GBLR's perplexity is 1, 2 and 3 below low-rank's: mean -2, sd 1, t(0.975, 2) = 4.303.
     runs = [result("lowrank", seed=s, value=20.0 + s, start_seed=7) for s in range(3)]
@@ -163,7 +165,7 @@ def test_paired_differences_pair_by_start_and_seed_and_give_a_t_interval():
 
 
 def test_paired_differences_compare_the_global_budget_with_its_uniform_ablation():
-    from gblr.analysis import paired_differences
+    from gblr.report.stats import paired_differences
 
     runs = [result("gblr", seed=s, value=10.0 + s, mode=mode) for s in range(4) for mode in ("global", "uniform")]
     [row] = paired_differences(runs, "lowrank")
@@ -172,7 +174,8 @@ def test_paired_differences_compare_the_global_budget_with_its_uniform_ablation(
 
 
 def test_variants_name_the_ablations_and_are_compared_with_their_plain_arm():
-    from gblr.analysis import budget_mode, paired_differences
+    from gblr.report.collect import budget_mode
+    from gblr.report.stats import paired_differences
 
     frozen = {"config": {"weight": {"budget_mode": "global", "learn_structure": False}}}
     calibrated = {"config": {"weight": {"calibration": {"batches": 8}}}}
@@ -191,7 +194,7 @@ def test_variants_name_the_ablations_and_are_compared_with_their_plain_arm():
 
 
 def test_an_annealed_arm_is_compared_with_the_frozen_one_and_has_no_before_fine_tuning_figure():
-    from gblr.analysis import aggregate, paired_differences
+    from gblr.report.stats import aggregate, paired_differences
 
     annealed = {"config": {"weight": {"budget_mode": "global", "anneal": {"factor": 3, "epochs": 1}}}}
     frozen = {"config": {"weight": {"budget_mode": "global", "learn_structure": False}}}
@@ -202,3 +205,57 @@ def test_an_annealed_arm_is_compared_with_the_frozen_one_and_has_no_before_fine_
     assert row["budget_mode"] == "global, annealed from 3x" and row["mean_difference"] == -2.0
     rows, _ = aggregate(runs, [])
     assert [r["converted"] for r in rows if r["budget_mode"].endswith("3x")] == [None]  # converted above its budget
+
+
+def test_legends_name_weight_types_in_words_and_keep_the_variant():
+    from gblr.report.plots import arm_label
+
+    assert [arm_label(w, "-") for w in ("lowrank", "monarch")] == ["low-rank", "Monarch"]
+    assert arm_label("dense", "-") == "dense (fine-tuned)"
+    assert arm_label("gblr", "global") == "GBLR"
+    assert arm_label("gblr", "uniform") == "GBLR (uniform budget)"
+    assert arm_label("gblr", "global, annealed from 3x") == "GBLR (annealed from 3x)"
+    assert arm_label("lowrank", "calibrated") == "low-rank (calibrated)"
+
+
+def error_bars(ax) -> int:
+    """The number of error bars drawn in ``ax`` (one segment each)."""
+    return sum(len(c.get_segments()) for c in ax.collections if hasattr(c, "get_segments"))
+
+
+def test_a_single_seed_is_said_and_has_no_error_bar():
+    from gblr.report.plots import metric_figure
+
+    one = [result("lowrank", 0, 22.0, budget=b) for b in (0.2, 0.3)] + [result("gblr", 0, 20.0)]
+    rows, starts = aggregate(one, [])
+    [ax] = metric_figure(rows, starts, "ppl", "model").axes
+    assert "1 seed, no error bars" in ax.get_title() and "±" not in ax.get_title()
+    assert error_bars(ax) == 0
+
+    mixed = [result("gblr", s, 20.0 + s) for s in range(3)] + [result("lowrank", 0, 22.0)]
+    rows, starts = aggregate(mixed, [])
+    [ax] = metric_figure(rows, starts, "ppl", "model").axes
+    labels = ax.get_legend_handles_labels()[1]
+    assert "GBLR" in labels and "low-rank [1 seed, no error bars]" in labels
+    assert "over 3 seeds" in ax.get_title() and "over 1 seed" not in ax.get_title()
+    assert error_bars(ax) == 1  # GBLR's three seeds; none at low-rank's single one
+
+
+def test_the_allocation_legend_shows_exactly_the_lines_drawn():
+    from gblr.report.plots import allocation_figure
+
+    def layers(scale):
+        return [{"name": f"transformer.h.{d}.{kind}", "macs_per_token": scale * (d + 1) * n, "dense_macs_per_token": n}
+                for d in range(2) for kind, n in (("attn.c_attn", 3000), ("mlp.c_fc", 4000), ("mlp.c_proj", 4000))]
+
+    fig = allocation_figure([result(seed=s, layers=layers(0.1 + 0.05 * s)) for s in range(2)])
+    [ax] = fig.axes
+    legend = ax.get_legend()
+
+    def style(line):
+        return line.get_color(), line.get_linestyle(), line.get_marker()
+
+    assert {style(h) for h in legend.legend_handles} == {style(line) for line in ax.get_lines()}
+    assert [t.get_text() for t in legend.get_texts()] == ["attn.c_attn", "mlp.c_fc", "mlp.c_proj",
+                                                          "uniform allocation (budget × dense MACs)"]
+    assert "mean over 2 seeds" in ax.get_title()
