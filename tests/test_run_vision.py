@@ -81,6 +81,13 @@ def test_every_config_option_composes():
     assert (paper.model.name, paper.data.name, paper.train.epochs, paper.train.lr) == ("vit_base", "imagenet", 35, 1e-4)
     task = paper.model.task
     assert task.mixup == 0.8 and task.cutmix == 1.0 and paper.data.auto_augment == "rand-m9-mstd0.5-inc1"
+    # The preset's budget is one of the paper's four points, the ones its sweep runs.
+    sweep = OmegaConf.load(ROOT / "configs" / "sweep" / "paper_vit_imagenet_ft.yaml")
+    points = [float(b) for b in str(sweep.hydra.sweeper.params.budget).split(",")]
+    assert paper.budget in points and paper.budget == 0.2898
+    smoke = compose("experiment=smoke")  # the quick check: the default run, shorter
+    assert (smoke.model.name, smoke.data.name, smoke.weight.kind) == ("vit_tiny", "digits", "gblr")
+    assert 1 <= smoke.start.epochs < compose().start.epochs and 1 <= smoke.train.epochs < compose().train.epochs
 
 
 def test_resume_after_an_interruption_reaches_the_same_final_metrics(tmp_path, cache_dir):

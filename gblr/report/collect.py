@@ -2,7 +2,7 @@
 the others are skipped), and what a result is: its metric, its arm (weight type and variant), the
 row of a table it belongs to.
 
-A result is one run's results.json (gblr.runner.run). Its metric is whichever of ``top1``
+A result is one run's results.json (gblr.run.runner.run). Its metric is whichever of ``top1``
 (validation top-1 accuracy, %) or ``ppl`` (validation perplexity) it holds, so vision and language
 runs need no model-specific code here. Relative MACs are fractions of dense (1.0 = dense; 1 MAC =
 2 FLOPs) in three conventions: ``replaced`` (the replaced layers), ``model`` (the whole forward
@@ -15,7 +15,7 @@ WEIGHTS, MODES = ["dense", "lowrank", "monarch", "gblr"], ["-", "global", "unifo
 METRICS = {"top1": "validation top-1 accuracy (%)", "ppl": "validation perplexity (lower is better)"}
 CONVENTIONS = {"replaced": "replaced layers", "model": "whole model", "paper": "paper convention"}
 # The files any of which marks a folder as a run's (finished, failed, interrupted or just started);
-# not gblr.run_folder.RUN_FILES, the files a run writes.
+# not gblr.run.folder.RUN_FILES, the files a run writes.
 RUN_MARKERS = ("results.json", "error.txt", "checkpoint.pt", ".hydra")
 FREE_KEYS = ("seed", "budget", "weight", "out_dir", "resume", "cache_dir", "device", "logger", "dry_run")  # may differ in a table
 REQUIRED = {"model", "data", "weight", "budget", "seed", "metrics", "flops"}  # what a result must hold to be read

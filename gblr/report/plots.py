@@ -248,7 +248,7 @@ def layer_layouts(run: dict, depth: int) -> list[dict]:
     MACs per token, coverage counts (out, in) and components' extents (% of rows, % of columns)."""
     import torch  # only this figure needs it, and only with a checkpoint
 
-    from gblr.files import load_safely  # the report's one import of the rest of gblr
+    from gblr.system.files import load_safely  # the report's one import of the rest of gblr
     from gblr.layers.gaudi import boxcar, hard_widths
 
     state = load_safely(Path(run["_folder"]) / "checkpoint.pt", what="checkpoint", mmap=True)["model"]
