@@ -1,6 +1,6 @@
 """gblr entry point: `python run.py [group=option ...] [key=value ...]` (see configs/config.yaml).
 
-Exit codes (gblr/exits.py): 0 finished, 1 a bug (traceback), 2 bad input, 3 non-finite loss, 4 the run
+Exit codes (gblr/run/exits.py): 0 finished, 1 a bug (traceback), 2 bad input, 3 non-finite loss, 4 the run
 folder is in use, 5 stopped and resumable (resume=true), 6 a multirun with failed jobs. In a multirun
 (`-m`) a job that fails writes `error.txt` in its folder and the sweep goes on; at the end the failed
 jobs are listed and the exit code is 6. A stop signal stops the whole sweep (exit 5). A rerun of a

@@ -237,3 +237,45 @@ def test_exit_codes_bad_input_stopped_and_a_sweep_with_failed_jobs(tmp_path, cac
     assert halted.returncode == 5, halted.stderr[-2000:]  # a stop ends the whole sweep, not one job
     assert (tmp_path / "halted" / "lowrank-b0.3-s0" / "checkpoint.pt").exists()
     assert not (tmp_path / "halted" / "lowrank-b0.3-s1").exists()
+
+
+def test_only_the_projects_own_bad_input_is_exit_2():
+    from gblr.run.exits import BAD_INPUT, BUSY, exit_code
+    from gblr.system.errors import BadInput, MissingInput
+
+    assert exit_code(BadInput("x")) == exit_code(MissingInput("x")) == exit_code(BadFile("x")) == BAD_INPUT
+    assert exit_code(Busy("x")) == BUSY
+    assert exit_code(ValueError("a bug")) is None and exit_code(FileNotFoundError("a bug")) is None  # exit 1
+
+
+def test_an_unexpected_value_error_in_a_run_shows_its_traceback_and_exits_1(tmp_path):
+    code = ("import runpy, sys\nimport gblr.run.runner as runner\n"
+            "def bug(*args, **kwargs):\n    raise ValueError('an internal bug')\n"
+            f"runner.experiment = bug\nsys.argv = ['run.py', 'out_dir={tmp_path / 'out'}']\n"
+            "runpy.run_path('run.py', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback (most recent call last)" in done.stderr and "in bug" in done.stderr
+    assert "ValueError: an internal bug" in done.stderr and "error: an internal bug" not in done.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("key", ["out_dir", "hydra.run.dir"])
+def test_one_run_folder_whichever_key_names_it(tmp_path, cache_dir, key):
+    """results, checkpoint, export, .hydra/ and run.log together in the folder named, nothing elsewhere;
+    gblr.evaluate on it gives the metrics results.json records."""
+    import gblr
+
+    folder = tmp_path / "here"
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), f"{key}={folder}", f"cache_dir={cache_dir}", *QUICK],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]
+    names = {p.name for p in folder.iterdir()}
+    assert {"results.json", "checkpoint.pt", "model.safetensors", "model.json", ".hydra", "run.log"} <= names
+    result = json.loads((folder / "results.json").read_text())
+    assert result["config"]["out_dir"] == str(folder) and "results.json" in (folder / "run.log").read_text()
+    again = gblr.evaluate(folder)
+    assert again[result["metric"]] == pytest.approx(result["metrics"][result["metric"]], abs=1e-9)
