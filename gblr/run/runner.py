@@ -114,7 +114,7 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         "model": cfg.model.name, "data": cfg.data.name, "weight": kind, "budget": budget, "seed": cfg.seed,
         "start_seed": cfg.start.seed, "metric": task.metric, "dry_run": bool(cfg.dry_run),
         "data_description": task.info["description"] if task.info else None, "weights": weights,
-        "metrics": metrics, "calibration": calibration, "flops": mac_report(model, task.flop_tokens),
+        "metrics": metrics, "calibration": calibration, "flops": mac_report(model, task.mac_tokens),
         "layers": per_layer_report(model), "structure": keeper.report() if keeper.layers else None,
         "history": history, "world_size": distributed.world_size(), "time_s": round(time.time() - start_time, 2),
         "versions": versions(), "config": plain(cfg), "identity": identity(cfg), "completed": True,

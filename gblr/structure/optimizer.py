@@ -19,11 +19,8 @@ gradients' relative sizes.
                  scripts/bench_allocation.py). Locations, which do not compete for anything, keep
                  the per-coordinate Adam of ``adam``.
 
-On a student-teacher MLP with two hard and two easy layers (synthetic, 5 seeds) ``adam`` sends
-the MACs to the easy layers and ``shared_adam`` to the hard ones, at a 39% (paper's GPT-2 start) or
-11% (low-rank start) lower loss (scripts/bench_allocation.py). Most of that gain is the quieter
-step: against the uniform ablation with the same optimizer the reallocation's own gain in loss is
-within noise there.
+What each choice does on the synthetic allocation task (scripts/bench_allocation.py) and on the
+embedded runs: docs/method.md, "How the widths are stepped", and docs/structure.md.
 """
 import torch
 from torch import nn

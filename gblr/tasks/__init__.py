@@ -1,16 +1,16 @@
 """Tasks: one class per model family, chosen by the model config's ``task._target_``.
 
 A task owns everything that differs between families: its data, building its model, the loss,
-the evaluation, and the tokens per example that the FLOP count uses. The runner only calls:
+the evaluation, and the tokens per example that the MAC count uses. The runner only calls:
 
     task = build_task(cfg, device)         # the class named by cfg.model.task._target_
     task.load_data()                       # fails fast when the data is missing
     model, weights = task.build_model(allow_random_fallback=cfg.dry_run)
-    task.loss(model, batch), task.evaluate(model), task.train_set, task.info, task.flop_tokens
+    task.loss(model, batch), task.evaluate(model), task.train_set, task.info, task.mac_tokens
     task.metric, task.higher_is_better     # e.g. "top1", True
     task.calibration_batches(n, batch_size, seed)   # the calibration pass's batches (gblr.structure.calibration)
 
-Adding a model family is one class here and one file in configs/model/ (see the README).
+Adding a model family is one class here and one file in configs/model/ (docs/architecture.md).
 """
 from hydra.utils import get_class
 

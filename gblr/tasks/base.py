@@ -37,8 +37,8 @@ class Task:
         self.train_set, self.info = None, None  # set by load_data
 
     @property
-    def flop_tokens(self) -> int | None:
-        """Tokens per example for the FLOP count; None = the model's own sequence length."""
+    def mac_tokens(self) -> int | None:
+        """Tokens per example for the MAC count; None = the model's own sequence length."""
         return None
 
     def load_data(self) -> None:

@@ -26,7 +26,7 @@ class CausalLM(Task):
         return gpt2_context(self.model_cfg["name"], self.model_cfg.get("kwargs", {}))
 
     @property
-    def flop_tokens(self) -> int:
+    def mac_tokens(self) -> int:
         return self.data["block_size"]
 
     def load_data(self) -> None:
