@@ -94,12 +94,7 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
     per_layer, calibration = layer_options(cfg, task, model, kind, conversion_budget)
     replace_layers(model, cfg.model.targets, kind, conversion_budget, per_layer, **options)
     model.to(device)
-    keeper = Budget(model, budget, mode=cfg.weight.get("budget_mode", "global"),
-                    penalty=cfg.weight.get("penalty", 0.0), sigma=cfg.weight.get("sigma"),
-                    sigma_schedule=plain(cfg.weight.get("sigma_schedule")) or None,
-                    structure_lr=cfg.train.lr if cfg.train.structure_lr is None else cfg.train.structure_lr,
-                    structure_optimizer=cfg.train.structure_optimizer,
-                    learn=cfg.weight.get("learn_structure", True), anneal=anneal)
+    keeper = budget_keeper(cfg, model, budget, anneal)
     if cfg.dry_run:
         keeper.finish()  # the structure's cost at the end of training: the budget's
     elif cfg.train.epochs == 0:
@@ -136,6 +131,16 @@ def weight_and_budget(cfg) -> tuple[str, float]:
         log.info(f"weight=dense ignores budget={budget}: dense layers cost in * out MACs (budget recorded as 1)")
         budget = 1.0
     return kind, budget
+
+
+def budget_keeper(cfg, model, budget: float, anneal: dict | None) -> Budget:
+    """The Budget that holds the model's GBLR layers (none for other types) during fine-tuning."""
+    return Budget(model, budget, mode=cfg.weight.get("budget_mode", "global"),
+                  penalty=cfg.weight.get("penalty", 0.0), sigma=cfg.weight.get("sigma"),
+                  sigma_schedule=plain(cfg.weight.get("sigma_schedule")) or None,
+                  structure_lr=cfg.train.lr if cfg.train.structure_lr is None else cfg.train.structure_lr,
+                  structure_optimizer=cfg.train.structure_optimizer,
+                  learn=cfg.weight.get("learn_structure", True), anneal=anneal)
 
 
 def structure_anneal(cfg, budget: float, train_size: int | None) -> dict | None:
