@@ -254,8 +254,8 @@ def test_skip_bad_images_skips_them_with_one_warning(tmp_path, caplog):
     train, val, info = build_vision_data("imagenet", root=root, img_size=32, num_classes=2, skip_bad_images=True)
     assert (len(train), len(val), info["train_size"]) == (5, 5, 5)
     assert [r.message for r in caplog.records if "skip_bad_images" in r.message] == [
-        f"warning: data.skip_bad_images=true: skipped 1 image file(s) that cannot be read: {root}/train/b/1.png",
-        f"warning: data.skip_bad_images=true: skipped 1 image file(s) that cannot be read: {root}/val/a/0.png"]
+        f"warning: data.skip_bad_images=true: skipped 2 image file(s) that cannot be read: {root}/train/b/1.png, "
+        f"{root}/val/a/0.png"]
     assert all(train[i][0].shape == (3, 32, 32) for i in range(len(train)))  # what is left loads
     assert (root / "train/b/1.png").exists()  # skipped, not deleted
 

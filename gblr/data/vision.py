@@ -67,7 +67,6 @@ def image_folder_datasets(root, train_transform, eval_transform, skip_bad_images
             splits[split] = datasets.ImageFolder(path, transform=transform)
         except FileNotFoundError as e:
             raise MissingInput(f"{path}: {e}; expected {LAYOUT} under {root}") from None
-        drop_bad_images(splits[split], skip_bad_images)
     train, val = splits["train"], splits["val"]
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))[:5]
@@ -77,6 +76,7 @@ def image_folder_datasets(root, train_transform, eval_transform, skip_bad_images
             f"not the same set (only in train: {only_train}, only in val: {only_val}); "
             "both splits need the same <class> folders"
         )
+    drop_bad_images([train, val], skip_bad_images)
     return train, val
 
 
@@ -93,10 +93,11 @@ def image_problem(path: str) -> str | None:
     return None
 
 
-def drop_bad_images(dataset, skip: bool) -> None:
-    """Check every file of an ImageFolder before any compute (threads: the files are read, not decoded).
-    A bad one is BadInput naming it, or with ``skip`` removed from the dataset with one warning."""
-    paths = [path for path, _ in dataset.samples]
+def drop_bad_images(splits: list, skip: bool) -> None:
+    """Check every file of the ImageFolders ``splits`` before any compute (threads: the files are read,
+    not decoded). A bad one is BadInput naming it, or with ``skip`` removed from its dataset, all of
+    them listed in one warning."""
+    paths = [path for dataset in splits for path, _ in dataset.samples]
     with ThreadPoolExecutor(max_workers=16) as pool:
         problems = {path: problem for path, problem in zip(paths, pool.map(image_problem, paths)) if problem}
     if not problems:
@@ -106,8 +107,9 @@ def drop_bad_images(dataset, skip: bool) -> None:
         more = f" (and {len(problems) - 1} more bad files)" if len(problems) > 1 else ""
         raise BadInput(f"image file {first} cannot be read ({reason}){more}; remove or replace it, or set "
                        f"data.skip_bad_images=true to skip bad files")
-    dataset.samples = [s for s in dataset.samples if s[0] not in problems]
-    dataset.imgs, dataset.targets = dataset.samples, [label for _, label in dataset.samples]
+    for dataset in splits:
+        dataset.samples = [s for s in dataset.samples if s[0] not in problems]
+        dataset.imgs, dataset.targets = dataset.samples, [label for _, label in dataset.samples]
     log.warning(f"warning: data.skip_bad_images=true: skipped {len(problems)} image file(s) that cannot be read: "
                 f"{', '.join(problems)}")
 

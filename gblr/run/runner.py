@@ -206,7 +206,8 @@ def dense_start(cfg, task, model, device) -> dict | None:
     The cache key is the model, the data and every setting the start is trained with (``start``),
     so every weight type, budget and fine-tune seed of a sweep starts from the same dense model.
     The entry is verified on load (key and checksum, ``gblr.system.files.entry_problem``); one that is
-    corrupt or made for other settings is trained again, with a warning naming it. One process
+    corrupt or made for other settings is trained again, with a warning naming it; one of the wrong kind
+    (a folder) is moved aside before training (``gblr.system.files.clear_entry``). One process
     trains an entry while the others wait for it. Returns the start's metrics, or None when a
     preemption signal stopped its training (nothing is cached then).
     """

@@ -244,8 +244,9 @@ def entry_problem(path: str | Path, key, directory: bool = False) -> str | None:
 
 def cached(path: str | Path, key, build, load, directory: bool = False):
     """``load(path)`` of the cache entry at ``path``, made by ``build(tmp)`` first when it is missing,
-    made for another key, corrupt or unreadable (a warning names it then). One process builds an
-    entry while the others wait for it."""
+    of the wrong kind, made for another key, corrupt or unreadable (a warning names it then; what is
+    not the cache's is moved aside, ``clear_entry``). One process builds an entry while the others
+    wait for it."""
     path = Path(path)
     with locked(path.with_name(path.name + ".lock"), what=f"cache entry {path}", wait=True):
         remove_temp_files(path.parent, path.name)
