@@ -73,8 +73,8 @@ def test_digits_written_once_as_image_folders_with_a_stratified_split(tmp_path, 
 
     root = vision.prepare_digits(tmp_path)
     assert root == tmp_path / "digits"
-    # the temporary folder is gone; the entry's record (key, checksum) and lock stay beside it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits", "digits.json", "digits.lock"]
+    # the temporary folder and the lock are gone; the entry's record (key, checksum) stays beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits", "digits.json"]
     files = {split: sorted((root / split).glob("*/*.png")) for split in ("train", "val")}
     assert len(files["train"]) == 1437 and len(files["val"]) == 360
     names = [{p.name for p in files[s]} for s in ("train", "val")]

@@ -182,7 +182,7 @@ def test_bad_text_input_raises_one_line_errors_before_any_model(tmp_path, tokeni
         run(compose(*overrides, f"cache_dir={tmp_path}", f"out_dir={tmp_path / 'run'}"))
     message = str(raised.value)
     assert "\n" not in message and all(f in message for f in fragments), message
-    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # nothing written but the folder's lock
+    assert [p.name for p in (tmp_path / "run").iterdir()] == []  # nothing written, not even the folder's lock
 
 
 def test_block_size_above_the_context_through_run_py(tmp_path):

@@ -13,6 +13,8 @@ no ImageNet can still run the whole pipeline. It is named for what it is: nothin
 is an ImageNet result.
 """
 
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from torchvision import datasets, transforms
@@ -20,6 +22,8 @@ from torchvision import datasets, transforms
 from gblr.data import default_cache_dir
 from gblr.system.files import cached
 from gblr.system.errors import BadInput, MissingInput
+
+log = logging.getLogger("gblr")
 
 # timm's default ViT-B/16 weights (augreg) normalize with mean = std = 0.5. Pass the
 # model's own pretrained_cfg mean/std when it differs (e.g. DeiT weights use ImageNet mean/std).
@@ -36,12 +40,13 @@ DIGITS_SPLIT_SEED = 0
 
 
 
-def image_folder_datasets(root, train_transform, eval_transform):
+def image_folder_datasets(root, train_transform, eval_transform, skip_bad_images=False):
     """(train, val) ImageFolder datasets over root/train/<class>/* and root/val/<class>/*.
 
     Samples are (image tensor as the transform returns it, class index). Both splits share one
     class_to_idx (sorted folder names); a val/ whose class folders differ from train/ is an error,
-    because the labels would silently disagree.
+    because the labels would silently disagree. Every image's header is read first (``drop_bad_images``):
+    a file that is not an image is an error naming it, or skipped with skip_bad_images=True.
     """
     if root is None:
         raise BadInput(f"no image folder given: set data.root=/path/to/imagenet (a folder with {LAYOUT})")
@@ -71,7 +76,42 @@ def image_folder_datasets(root, train_transform, eval_transform):
             f"not the same set (only in train: {only_train}, only in val: {only_val}); "
             "both splits need the same <class> folders"
         )
+    drop_bad_images([train, val], skip_bad_images)
     return train, val
+
+
+def image_problem(path: str) -> str | None:
+    """Why the image file at ``path`` cannot be read (its header and, where the format has one, its
+    checksum: PIL's ``verify``), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many kinds: UnidentifiedImageError, OSError, SyntaxError, ...
+        return str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+    return None
+
+
+def drop_bad_images(splits: list, skip: bool) -> None:
+    """Check every file of the ImageFolders ``splits`` before any compute (threads: the files are read,
+    not decoded). A bad one is BadInput naming it, or with ``skip`` removed from its dataset, all of
+    them listed in one warning."""
+    paths = [path for dataset in splits for path, _ in dataset.samples]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        problems = {path: problem for path, problem in zip(paths, pool.map(image_problem, paths)) if problem}
+    if not problems:
+        return
+    first, reason = next(iter(problems.items()))
+    if not skip:
+        more = f" (and {len(problems) - 1} more bad files)" if len(problems) > 1 else ""
+        raise BadInput(f"image file {first} cannot be read ({reason}){more}; remove or replace it, or set "
+                       f"data.skip_bad_images=true to skip bad files")
+    for dataset in splits:
+        dataset.samples = [s for s in dataset.samples if s[0] not in problems]
+        dataset.imgs, dataset.targets = dataset.samples, [label for _, label in dataset.samples]
+    log.warning(f"warning: data.skip_bad_images=true: skipped {len(problems)} image file(s) that cannot be read: "
+                f"{', '.join(problems)}")
 
 
 def imagenet_transforms(
@@ -107,13 +147,14 @@ def imagenet_transforms(
     return train, evaluation
 
 
-def imagenet_datasets(root, img_size=224, mean=DEFAULT_MEAN, std=DEFAULT_STD, **transform_kwargs):
+def imagenet_datasets(root, img_size=224, mean=DEFAULT_MEAN, std=DEFAULT_STD, skip_bad_images=False,
+                      **transform_kwargs):
     """(train, val) ImageNet datasets from root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG.
 
     transform_kwargs go to `imagenet_transforms` (auto_augment, re_prob, crop_pct, interpolation).
     """
     train_tf, eval_tf = imagenet_transforms(img_size, mean, std, **transform_kwargs)
-    return image_folder_datasets(root, train_tf, eval_tf)
+    return image_folder_datasets(root, train_tf, eval_tf, skip_bad_images)
 
 
 def prepare_digits(cache_dir=None) -> Path:
@@ -164,11 +205,12 @@ def digits_transforms(img_size=32, mean=DEFAULT_MEAN, std=DEFAULT_STD, augment=F
     return transforms.Compose(train), transforms.Compose(common)
 
 
-def digits_datasets(cache_dir=None, img_size=32, mean=DEFAULT_MEAN, std=DEFAULT_STD, augment=False):
+def digits_datasets(cache_dir=None, img_size=32, mean=DEFAULT_MEAN, std=DEFAULT_STD, augment=False,
+                    skip_bad_images=False):
     """(train, val) digits datasets, through the same ImageFolder path as ImageNet."""
     root = prepare_digits(cache_dir)
     train_tf, eval_tf = digits_transforms(img_size, mean, std, augment)
-    return image_folder_datasets(root, train_tf, eval_tf)
+    return image_folder_datasets(root, train_tf, eval_tf, skip_bad_images)
 
 
 VISION_DATASETS = ("imagenet", "digits")
@@ -182,6 +224,8 @@ def build_vision_data(
     mean=DEFAULT_MEAN,
     std=DEFAULT_STD,
     augment=False,
+    num_classes=None,
+    skip_bad_images=False,
     **imagenet_transform_kwargs,
 ):
     """(train_ds, val_ds, info) for name in VISION_DATASETS.
@@ -189,19 +233,26 @@ def build_vision_data(
     img_size: side in pixels of the model input; None -> 224 for imagenet, 32 for digits.
     root: the ImageNet folder (data.root); ignored for digits, which live in cache_dir/digits.
     augment: digits only. imagenet_transform_kwargs: see `imagenet_transforms`.
+    num_classes: the classes the model's head has (data.num_classes); a folder with another number
+    of class folders is BadInput (a 1-class folder against a 1000-way head would score 100% top-1).
+    skip_bad_images: skip image files that cannot be read (with one warning) instead of refusing them.
     info: name, description (says which data it really is), num_classes, root, img_size,
     mean, std, train_size, val_size.
     """
     if name == "imagenet":
         img_size = img_size or 224
-        train, val = imagenet_datasets(root, img_size, mean, std, **imagenet_transform_kwargs)
+        train, val = imagenet_datasets(root, img_size, mean, std, skip_bad_images, **imagenet_transform_kwargs)
         description = f"{IMAGENET_DESCRIPTION} at {img_size}px"
     elif name == "digits":
         img_size = img_size or 32
-        train, val = digits_datasets(cache_dir, img_size, mean, std, augment)
+        train, val = digits_datasets(cache_dir, img_size, mean, std, augment, skip_bad_images)
         description = f"{DIGITS_DESCRIPTION}, upscaled to {img_size}x{img_size}, 3 channels"
     else:
         raise BadInput(f"unknown vision dataset {name!r}; choose one of {VISION_DATASETS}")
+    if num_classes is not None and len(train.classes) != num_classes:
+        raise BadInput(f"data.num_classes is {num_classes}, but {Path(train.root)} has {len(train.classes)} class "
+                       f"folders; set data.num_classes={len(train.classes)} or point data.root at a folder with "
+                       f"{num_classes} classes")
     info = {
         "name": name,
         "description": description,

@@ -6,7 +6,8 @@ every checkpoint store it. A run reuses a folder's results (a sweep's rerun skip
 resumes its checkpoint only when the stored identity equals its own; otherwise it stops with one
 line naming the keys that differ. ``fresh=true`` moves the other run's files into
 ``replaced-<time>/`` in the folder and starts over. One process at a time holds a folder (a lock
-file, ``.lock``); a second one is refused, naming the holder.
+file, ``.lock``, removed when the run lets go: ``gblr.system.files.locked`` says why that is safe); a
+second one is refused, naming the holder.
 """
 import contextlib
 import json

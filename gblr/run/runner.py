@@ -22,7 +22,7 @@ from gblr.layers import layer_class
 from gblr.structure.budget import Budget
 from gblr.structure.calibration import calibrate
 from gblr.structure.macs import mac_report, per_layer_report
-from gblr.system.files import BadFile, check_writable, entry_problem, load_safely, locked, remove_temp_files, versions, \
+from gblr.system.files import BadFile, check_writable, clear_entry, entry_problem, load_safely, locked, remove_temp_files, versions, \
     write_entry, write_json
 from gblr.run.folder import check_folder, claimed, identity, resolve_run_dir
 from gblr.run.validate import check_config, check_conversion
@@ -211,7 +211,8 @@ def dense_start(cfg, task, model, device) -> dict | None:
     The cache key is the model, the data and every setting the start is trained with (``start``),
     so every weight type, budget and fine-tune seed of a sweep starts from the same dense model.
     The entry is verified on load (key and checksum, ``gblr.system.files.entry_problem``); one that is
-    corrupt or made for other settings is trained again, with a warning naming it. One process
+    corrupt or made for other settings is trained again, with a warning naming it; one of the wrong kind
+    (a folder) is moved aside before training (``gblr.system.files.clear_entry``). One process
     trains an entry while the others wait for it. Returns the start's metrics, or None when a
     preemption signal stopped its training (nothing is cached then).
     """
@@ -237,8 +238,10 @@ def dense_start(cfg, task, model, device) -> dict | None:
                 return state["metrics"]
             except (BadFile, KeyError, RuntimeError) as error:
                 problem = f"cannot be used ({error})"
-        if path.exists():
+        if path.exists() or path.is_symlink():
             log.warning(f"warning: the cached dense start {path} {problem}; training it again")
+        if distributed.is_main():
+            clear_entry(path)  # before training: a folder in its place would fail the write after it
         log.info(f"training the dense start ({settings['epochs']} epochs); cached at {path}")
         outcome = train(model, task.train_set, task.loss, task.evaluate, settings,
                         groups=param_groups(model, settings["lr"], settings["weight_decay"]),

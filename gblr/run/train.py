@@ -213,8 +213,9 @@ class Loop:
         """One epoch from ``position`` (a mid-epoch resume) or its start; the outcome when it stops."""
         # The epoch's data order and random state depend on (seed, epoch) alone, so a resumed run
         # replays them; a mid-epoch resume skips the steps already taken.
-        seed_everything(seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        epoch_seed = (seed * 1_000_003 + epoch) % 2**64  # within torch's seeds for any 64-bit seed
+        seed_everything(epoch_seed)
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(epoch_seed))
         first_step, self.loss_sum, self.micro_steps = 0, 0.0, 0
         if position is not None:
             first_step, self.loss_sum, self.micro_steps = position["step"], position["loss_sum"], position["micro_steps"]

@@ -17,10 +17,10 @@ from gblr.run.train import SCHEDULES
 from gblr.system.errors import BadInput, checks_input
 
 
-def integer(low: int):
+def integer(low: int, high: int | None = None):
     def check(v):
-        return isinstance(v, Integral) and not isinstance(v, bool) and v >= low
-    return check, f"an integer >= {low}"
+        return isinstance(v, Integral) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+    return check, f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
 
 
 def number(low: float, strict: bool):
@@ -43,13 +43,15 @@ def boolean():
     return (lambda v: isinstance(v, bool)), "true or false"
 
 
+SEED_MAX = 2**64 - 1  # torch.manual_seed's range
+
 # Settings shared by train and start (a fine-tune and the dense start are trained by one loop).
 LOOP = {"epochs": integer(1), "batch_size": integer(1), "grad_accum": integer(1), "lr": number(0, True),
         "min_lr": number(0, False), "warmup_epochs": number(0, False), "schedule": one_of(*SCHEDULES),
         "weight_decay": number(0, False), "clip_grad": optional(number(0, True)),
-        "amp": one_of("auto", "off", "bf16", "fp16"), "num_workers": integer(0), "seed": integer(0)}
+        "amp": one_of("auto", "off", "bf16", "fp16"), "num_workers": integer(0), "seed": integer(0, SEED_MAX)}
 RULES = {
-    "seed": integer(0), "dry_run": boolean(), "resume": boolean(), "fresh": boolean(),
+    "seed": integer(0, SEED_MAX), "dry_run": boolean(), "resume": boolean(), "fresh": boolean(),
     **{f"train.{k}": rule for k, rule in LOOP.items() if k != "seed"},
     "train.epochs": (integer(0)[0], "an integer >= 0 (0 = compress only: convert, evaluate, report)"),
     "train.structure_lr": optional(number(0, False)), "weight.learn_structure": boolean(),
@@ -58,6 +60,7 @@ RULES = {
     **{f"start.{k}": rule for k, rule in LOOP.items()},
     "weight.calibration.batches": integer(0), "weight.allocation": one_of("uniform", "global"),
     "data.block_size": integer(1), "data.img_size": integer(1), "data.vocab_size": integer(2),
+    "data.eval_stride": optional(integer(1)), "data.num_classes": integer(1), "data.skip_bad_images": boolean(),
 }
 
 
@@ -87,6 +90,9 @@ def check_config(cfg) -> None:
         if loop.batch_size % loop.grad_accum:
             raise BadInput(f"{key}.batch_size ({loop.batch_size}, the global batch) must be a multiple of "
                            f"{key}.grad_accum ({loop.grad_accum})")
+    stride, block = cfg.data.get("eval_stride"), cfg.data.get("block_size")
+    if stride is not None and block is not None and stride >= block:
+        raise BadInput(f"data.eval_stride must be null or less than data.block_size ({block}), got {stride}")
     pretrained = cfg.model.get("pretrained")
     if pretrained and Path(str(pretrained)).expanduser().is_dir() and not any(Path(str(pretrained)).expanduser().iterdir()):
         raise BadInput(f"model.pretrained {pretrained!r} is an empty folder; give the folder or file that holds "

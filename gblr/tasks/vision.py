@@ -29,7 +29,8 @@ class ImageClassification(Task):
         from gblr.tasks.models import vit_input_size
 
         d = self.data
-        extra = {k: d[k] for k in ("auto_augment", "re_prob", "crop_pct", "interpolation", "augment") if k in d}
+        extra = {k: d[k] for k in ("auto_augment", "re_prob", "crop_pct", "interpolation", "augment", "num_classes",
+                                   "skip_bad_images") if k in d}
         mean_std = {k: tuple(d[k]) for k in ("mean", "std") if d.get(k)}
         if not mean_std:  # the pretrained weights' own normalization (read before any data)
             from gblr.tasks.models import vit_data_config, vit_pretrained_cfg
