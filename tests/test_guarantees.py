@@ -284,7 +284,8 @@ def test_a_sweep_skips_a_job_another_process_holds_and_reports_its_own_jobs(tmp_
     assert "1 job(s) running elsewhere" in failing.stderr
     assert not (tmp_path / "failing" / "lowrank-b0.0001-s0" / "error.txt").exists()
 
-    again = command("-m", "weight=lowrank,monarch", "dry_run=true", f"cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}")
+    again = command("-m", "weight=lowrank,monarch", "dry_run=true", f"cache_dir={cache_dir}",
+                    f"hydra.sweep.dir={sweep}")
     assert again.returncode == 0, again.stderr[-2000:]  # free again: lowrank runs, monarch's dry run is redone
     assert "2 job(s) finished in this process: lowrank-b0.3-s0, monarch-b0.3-s0" in again.stderr
     assert json.loads((held / "results.json").read_text())["completed"]

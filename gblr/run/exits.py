@@ -60,8 +60,8 @@ def command_error(error: BaseException) -> str | None:
 def one_line(error: BaseException) -> str:
     """A multi-line message of Hydra or OmegaConf as one line, without Hydra's search-path listing and links."""
     text = str(error).split("Config search path:")[0]
-    lines = [ln.strip().rstrip(".") for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("See https://")]
-    return "; ".join(lines)
+    lines = [ln.strip().rstrip(".") for ln in text.splitlines()]
+    return "; ".join(ln for ln in lines if ln and not ln.startswith("See https://"))
 
 
 def folder_error(error: OSError) -> str:

@@ -81,6 +81,8 @@ def stopped(run_dir: Path, message: str, resumable: bool, history: list | None =
 def rerun(cfg, redo: str) -> str:
     """What running a stopped command again does when nothing can be resumed (before fine-tuning's
     first checkpoint, or with train.epochs=0): the dense start is cached once finished."""
+    if cfg.dry_run:  # no weights are read: a dry run only converts
+        return f"nothing to resume; run the command again: it {redo}"
     start = "loads the pretrained weights" if cfg.model.pretrained else "loads the cached dense start"
     return f"nothing to resume; run the command again: it {start} and {redo}"
 

@@ -78,7 +78,8 @@ def set_rng_state(state: dict) -> None:
 
 def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: list[dict], seed: int,
           device: torch.device, checkpoint: Path | None = None, resume: bool = False, hooks=(),
-          log=print, report=None, desc: str = "train", stamp: dict | None = None, stop: StopRequest | None = None) -> dict:
+          log=print, report=None, desc: str = "train", stamp: dict | None = None,
+          stop: StopRequest | None = None) -> dict:
     """Train ``model`` in place; return {"history": [per-epoch metrics], "completed": bool, "preempted": bool}.
 
     settings: epochs, batch_size, grad_accum, lr, min_lr, warmup_epochs, schedule, clip_grad, amp,
