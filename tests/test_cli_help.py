@@ -20,7 +20,7 @@ def imported(stderr: str) -> set[str]:
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_is_our_page_and_imports_neither_torch_nor_hydra(flag):
     done = subprocess.run([sys.executable, "-X", "importtime", "run.py", flag], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == page()
     modules = imported(done.stderr)
@@ -41,7 +41,7 @@ def test_the_page_lists_every_group_option_and_default():
 def test_shell_completion_does_not_import_torch():
     env = {**os.environ, "COMP_LINE": "python run.py weig", "COMP_POINT": "22"}
     done = subprocess.run([sys.executable, "-X", "importtime", "run.py", "-sc", "query=bash"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "weight=" in done.stdout
     assert "hydra" in imported(done.stderr) and "torch" not in imported(done.stderr)

@@ -23,7 +23,7 @@ SETTINGS = ["start.epochs=2", "train.epochs=1", "train.batch_size=64", "weight=g
 def launch(prefix, out, cache_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*prefix, "run.py", f"out_dir={out}", f"cache_dir={cache_dir}", *SETTINGS], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=env)
+                          capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 
@@ -48,7 +48,7 @@ def test_a_multirun_through_the_submitit_local_launcher_finds_both_results(tmp_p
     sweep = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "run.py", "-m", "launcher=local", "weight=lowrank,monarch", "dry_run=true",
                            f"cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          text=True, timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
     assert sorted(results) == ["lowrank-b0.3-s0", "monarch-b0.3-s0"]

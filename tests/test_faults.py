@@ -1,4 +1,5 @@
-"""Surviving faults: preemption signals and non-finite losses."""
+"""Surviving faults: preemption signals (in every phase of a run) and non-finite losses."""
+import json
 import os
 import signal
 import subprocess
@@ -71,7 +72,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
         "run.main()\n")
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(script), f"cache_dir={cache_dir}", f"out_dir={out}", *SETTINGS],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 3, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
@@ -114,9 +115,63 @@ def test_a_stop_during_the_dense_start_exits_5_and_says_nothing_was_saved(tmp_pa
         "run.main()\n")
     cache, out = tmp_path / "cache", tmp_path / "run"
     proc = subprocess.run([sys.executable, str(script), f"cache_dir={cache}", f"out_dir={out}", *SETTINGS],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 5, proc.stderr[-2000:]
     assert "nothing was saved: a rerun starts this training again" in proc.stdout + proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "stopped before fine-tuning began, nothing to resume: run the command again"
+    assert proc.stderr.strip().splitlines()[-1] == ("stopped by SIGTERM in the dense start, which is cached only when "
+                                                    "finished: nothing to resume; run the command again: it trains the "
+                                                    "dense start again")
     assert not list((cache / "starts").glob("*.pt")) and not (out / "checkpoint.pt").exists()
+
+
+QUICK = ["start.epochs=2", "train.epochs=1", "train.batch_size=128", "weight=lowrank"]  # as tests/test_guarantees.py's
+
+
+def run_signalled(target: str, args: list[str], signum: str = "SIGTERM") -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in which the process sends itself ``signum`` as ``target`` ('module:attribute',
+    e.g. 'gblr.structure.budget:Budget.finish') is first called, before it runs: a deterministic point
+    in that phase, with a real signal and the real handlers."""
+    module, path = target.split(":")
+    *owner_path, name = path.split(".")
+    code = (f"import importlib, os, runpy, signal, sys\nowner = importlib.import_module({module!r})\n"
+            f"for part in {owner_path!r}:\n    owner = getattr(owner, part)\n"
+            f"original, calls = getattr(owner, {name!r}), [0]\n"
+            "def patched(*args, **kwargs):\n    calls[0] += 1\n"
+            f"    if calls[0] == 1:\n        os.kill(os.getpid(), signal.{signum})\n"
+            "    return original(*args, **kwargs)\n"
+            f"setattr(owner, {name!r}, patched)\nsys.argv = ['run.py', *{args!r}]\n"
+            "runpy.run_path('run.py', run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+
+
+PHASES = [  # (where the signal comes, what the line says, whether resume=true continues)
+    ("gblr.structure.surgery:from_dense", "in the layer conversion (1/20 layers converted): nothing to resume; run "
+     "the command again: it loads the cached dense start and converts again", False),
+    ("gblr.structure.budget:Budget.finish", "in the final evaluation: resume=true continues {out} from its last "
+     "checkpoint and evaluates and exports again", True),
+    ("gblr.run.export:save", "in the export: resume=true continues {out} from its last checkpoint and evaluates and "
+     "exports again", True),
+]
+
+
+@pytest.mark.parametrize("target, line, resumable", PHASES, ids=["conversion", "final-evaluation", "export"])
+def test_a_stop_outside_training_exits_5_at_the_next_safe_point_and_the_rerun_finishes(tmp_path, cache_dir, target,
+                                                                                        line, resumable):
+    out = tmp_path / "run"
+    args = [f"out_dir={out}", f"cache_dir={cache_dir}", *QUICK]
+    stopped = run_signalled(target, args, "SIGUSR1" if resumable else "SIGTERM")
+    assert stopped.returncode == 5, stopped.stderr[-2000:]
+    signal_name = "SIGUSR1" if resumable else "SIGTERM"
+    assert stopped.stderr.strip().splitlines()[-1] == f"stopped by {signal_name} " + line.format(out=out)
+    assert not (out / "results.json").exists()
+    if resumable:  # training's work is kept: its checkpoint holds the finished epoch
+        assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    again = subprocess.run([sys.executable, "run.py", *args, *(["resume=true"] if resumable else [])], cwd=ROOT,
+                           capture_output=True, text=True, timeout=1800,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["completed"] and len(result["history"]) == 1  # the resumed run kept the epoch it had trained
+    assert "dense start loaded from" in again.stdout + again.stderr  # the finished dense start was not retrained

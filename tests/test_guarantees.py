@@ -211,7 +211,7 @@ def test_bad_text_input_fails_before_training(tmp_path, cache_dir, monkeypatch):
 
 def command(*args, cwd=ROOT):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, timeout=1800,
                           env=env)
 
 
@@ -241,6 +241,58 @@ def test_exit_codes_bad_input_stopped_and_a_sweep_with_failed_jobs(tmp_path, cac
     assert not (tmp_path / "halted" / "lowrank-b0.3-s1").exists()
 
 
+HYDRA_BAD = [("weight=nonexistent", "error: weight=nonexistent: no such option of weight; options: dense, gblr, lowrank, "
+                                    "monarch"),
+             ("budget=[", "error: cannot parse the override 'budget=[' (no viable alternative at input '['); see "
+                          "python run.py --help"),
+             ("out_dir=LONG", "error: the run folder {long} ({n} characters, a name of 300) is too long for the file "
+                              "system (names up to 255 bytes, paths up to 4096): choose a shorter out_dir or "
+                              "hydra.sweep.dir")]
+
+
+@pytest.mark.parametrize("override, line", HYDRA_BAD, ids=["unknown-option", "unparsable", "name-too-long"])
+def test_hydras_own_errors_are_one_error_line_and_exit_2(tmp_path, override, line):
+    folder = str(tmp_path / ("a" * 300))
+    shown = f"{folder[:50]}...{folder[-20:]}"
+    done = command(f"out_dir={tmp_path / 'run'}", override.replace("LONG", folder))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [line.format(long=shown, n=len(folder))]
+    assert list(tmp_path.iterdir()) == []  # no folder made, nothing written
+
+
+def held_sweep(sweep, cache_dir, budget="0.3"):
+    """A dry-run sweep over lowrank and monarch into ``sweep`` while this process holds lowrank's folder,
+    as a second sweep into the same folder would."""
+    with locked(sweep / f"lowrank-b{budget}-s0" / ".lock", what="the other sweep's job"):
+        return command("-m", "weight=lowrank,monarch", "dry_run=true", f"budget={budget}", f"cache_dir={cache_dir}",
+                       f"hydra.sweep.dir={sweep}")
+
+
+def test_a_sweep_skips_a_job_another_process_holds_and_reports_its_own_jobs(tmp_path, cache_dir):
+    sweep, elsewhere = tmp_path / "sweep", "1 job(s) running elsewhere (another process holds the folder; skipped, " \
+                                           "nothing written there): lowrank-b0.3-s0"
+    done = held_sweep(sweep, cache_dir)
+    assert done.returncode == 0, done.stderr[-2000:]  # a job running elsewhere is not a failure
+    report = [ln.split(": ", 1)[1] for ln in done.stderr.splitlines() if ln.startswith(f"sweep in {sweep}: ")]
+    assert report == [elsewhere, "1 job(s) finished in this process: monarch-b0.3-s0"]
+    held = sweep / "lowrank-b0.3-s0"
+    assert {p.name for p in held.iterdir()} <= {".lock", ".hydra", "run.log"}  # no error.txt, no results.json
+    assert (held / ".lock").read_text().startswith(f"pid {os.getpid()} ")  # the holder's record untouched
+    assert json.loads((sweep / "monarch-b0.3-s0" / "results.json").read_text())["completed"]
+
+    failing = held_sweep(tmp_path / "failing", cache_dir, "0.0001")  # monarch really fails
+    assert failing.returncode == 6, failing.stderr[-2000:]
+    assert "error: 1 job(s) of the sweep" in failing.stderr and "  monarch-b0.0001-s0: " in failing.stderr
+    assert "1 job(s) running elsewhere" in failing.stderr
+    assert not (tmp_path / "failing" / "lowrank-b0.0001-s0" / "error.txt").exists()
+
+    again = command("-m", "weight=lowrank,monarch", "dry_run=true", f"cache_dir={cache_dir}",
+                    f"hydra.sweep.dir={sweep}")
+    assert again.returncode == 0, again.stderr[-2000:]  # free again: lowrank runs, monarch's dry run is redone
+    assert "2 job(s) finished in this process: lowrank-b0.3-s0, monarch-b0.3-s0" in again.stderr
+    assert json.loads((held / "results.json").read_text())["completed"]
+
+
 def test_only_the_projects_own_bad_input_is_exit_2():
     from gblr.run.exits import BAD_INPUT, BUSY, exit_code
     from gblr.system.errors import BadInput, MissingInput
@@ -255,7 +307,7 @@ def test_an_unexpected_value_error_in_a_run_shows_its_traceback_and_exits_1(tmp_
             "def bug(*args, **kwargs):\n    raise ValueError('an internal bug')\n"
             f"runner.experiment = bug\nsys.argv = ['run.py', 'out_dir={tmp_path / 'out'}']\n"
             "runpy.run_path('run.py', run_name='__main__')\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback (most recent call last)" in done.stderr and "in bug" in done.stderr

@@ -142,7 +142,7 @@ def run_py(tmp_path, *overrides, env=None):
     env.pop("GBLR_DEBUG", None)
     command = [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'run'}", f"out_dir={tmp_path / 'run'}",
                f"cache_dir={tmp_path / 'cache'}", *overrides]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
 def assert_one_line_error(done, *fragments):

@@ -128,7 +128,7 @@ def test_bad_input_is_a_clear_error_before_anything_is_written(tmp_path, cache_d
 def test_command_line_errors_are_one_line_with_a_nonzero_exit(tmp_path, overrides, message):
     (tmp_path / "results.json").write_text(EARLIER)
     proc = subprocess.run([sys.executable, "run.py", f"out_dir={tmp_path}", *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(message)
     assert (tmp_path / "results.json").read_text() == EARLIER

@@ -25,7 +25,7 @@ def load_report():
 def multirun(sweep_dir, cache_dir) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run([sys.executable, "run.py", "-m", "weight=lowrank,gblr", *TINY, f"cache_dir={cache_dir}",
-                           f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
 @pytest.fixture(scope="module")

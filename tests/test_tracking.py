@@ -67,9 +67,9 @@ def read_offline_run(path: Path) -> dict:
     return out
 
 
-def read_finished_run(path: Path, timeout_s: float = 30.0) -> dict:
+def read_finished_run(path: Path, timeout_s: float = 1800.0) -> dict:
     """``read_offline_run`` once the file holds the run's exit record (wandb's service may still be
-    writing it when ``finish()`` returns)."""
+    writing it when ``finish()`` returns); the bound is far above a loaded machine's worst case."""
     deadline = time.monotonic() + timeout_s
     while "exit_code" not in (out := read_offline_run(path)) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -33,6 +33,7 @@ from gblr.run.tracking import Logger
 from gblr.run.train import train
 from gblr.structure.optimizer import param_groups, training_groups
 from gblr.system.errors import BadInput
+from gblr.system.signals import StopRequest, Stopped
 
 log = logging.getLogger("gblr")
 
@@ -44,26 +45,60 @@ def run(cfg, skip_existing: bool = False) -> dict:
     (``gblr.run.folder``: one writer; its stored results or checkpoint are reused only when they are
     of this run's identity). skip_existing: when the folder already holds this run's finished
     results.json (a rerun of a sweep), return it without running again.
+
+    SIGTERM / SIGUSR1 during the run stop it at the next safe point (``gblr.system.signals``): between
+    training steps (a checkpoint is written), between phases and between the layers of the conversion.
+    The result is then {"completed": False, "resumable", "run_dir", "history", "stopped": the line that
+    says where it stopped and what resume=true or a rerun does}; no results.json is written.
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     start_time = time.time()
-    check_config(cfg)
-    device = distributed.setup(cfg.device)  # under torchrun: this rank's device; only rank 0 writes
-    log.setLevel(logging.INFO if distributed.is_main() else logging.WARNING)
-    kind, budget = weight_and_budget(cfg)
-    run_dir = resolve_run_dir(cfg)
-    with claimed(run_dir, main=distributed.is_main()):
-        if (previous := check_folder(cfg, run_dir, skip_existing)) is not None:
-            return previous
-        # Before any heavy work, so that a run failing in the data or the dense start shows in wandb.
-        logger = Logger(cfg, run_dir, enabled=distributed.is_main() and not cfg.dry_run)
-        return experiment(cfg, kind, budget, run_dir, device, start_time, logger)
+    with StopRequest() as stop:  # for the whole run: every phase reads it at its safe points
+        check_config(cfg)
+        device = distributed.setup(cfg.device)  # under torchrun: this rank's device; only rank 0 writes
+        log.setLevel(logging.INFO if distributed.is_main() else logging.WARNING)
+        kind, budget = weight_and_budget(cfg)
+        run_dir = resolve_run_dir(cfg)
+        with claimed(run_dir, main=distributed.is_main()):
+            if (previous := check_folder(cfg, run_dir, skip_existing)) is not None:
+                return {**previous, "reused": True}
+            # Before any heavy work, so that a run failing in the data or the dense start shows in wandb.
+            logger = Logger(cfg, run_dir, enabled=distributed.is_main() and not cfg.dry_run)
+            try:
+                return experiment(cfg, kind, budget, run_dir, device, start_time, logger, stop)
+            except Stopped as halt:
+                logger.close({}, preempted=True)
+                return stopped(run_dir, str(halt), halt.resumable)
 
 
-def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time: float, logger: Logger) -> dict:
+def stopped(run_dir: Path, message: str, resumable: bool, history: list | None = None) -> dict:
+    """The result of a run that a stop ended before results.json (``message``: where, and what next)."""
+    return {"completed": False, "resumable": resumable, "run_dir": str(run_dir), "history": history or [],
+            "stopped": message}
+
+
+def rerun(cfg, redo: str) -> str:
+    """What running a stopped command again does when nothing can be resumed (before fine-tuning's
+    first checkpoint, or with train.epochs=0): the dense start is cached once finished."""
+    if cfg.dry_run:  # no weights are read: a dry run only converts
+        return f"nothing to resume; run the command again: it {redo}"
+    start = "loads the pretrained weights" if cfg.model.pretrained else "loads the cached dense start"
+    return f"nothing to resume; run the command again: it {start} and {redo}"
+
+
+def after_training(cfg, run_dir: Path) -> tuple[str, bool]:
+    """(what comes next, resumable) for a stop in the final evaluation or the export."""
+    if cfg.train.epochs > 0:
+        return f"resume=true continues {run_dir} from its last checkpoint and evaluates and exports again", True
+    return rerun(cfg, "converts, evaluates and exports again"), False
+
+
+def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time: float, logger: Logger,
+               stop: StopRequest) -> dict:
     """data -> model -> dense start -> calibration (weight.calibration) -> structured layers under the
-    budget -> fine-tune (none with train.epochs=0) -> results.json"""
+    budget -> fine-tune (none with train.epochs=0) -> results.json. ``stop`` is read at every safe point
+    (``Stopped`` names it)."""
     task = build_task(cfg, device)
     check_writable(task.cache_dir, "cache_dir")
     if not cfg.dry_run:
@@ -81,18 +116,23 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         log.info(f"model {cfg.model.name}: {weights}")
     options = dry_run_options(kind, conversion_options(cfg)) if cfg.dry_run else conversion_options(cfg)
     check_conversion(model, cfg.model.targets, kind, budget, options)
+    stop.check("while loading the data and the model", "nothing to resume; run the command again")
 
     metrics, history = {}, []
     if not cfg.dry_run:
-        start = dense_start(cfg, task, model, device)
-        if start is None:  # preempted while training the dense start: rerun to train it again
-            return {"completed": False, "resumable": False, "run_dir": str(run_dir), "history": []}
+        start = dense_start(cfg, task, model, device, stop)
+        stop.check("after the dense start", rerun(cfg, "converts"))
         metrics.update({f"start_{k}": v for k, v in start.items()})
 
     anneal = structure_anneal(cfg, budget, None if cfg.dry_run else len(task.train_set))
     conversion_budget = anneal["start"] if anneal else budget
     per_layer, calibration = layer_options(cfg, task, model, kind, conversion_budget)
-    replace_layers(model, cfg.model.targets, kind, conversion_budget, per_layer, **options)
+    stop.check("after the calibration pass", rerun(cfg, "calibrates and converts again"))
+
+    def converted(done: int, total: int) -> None:  # between layers: a ViT-B GBLR fit takes minutes
+        stop.check(f"in the layer conversion ({done}/{total} layers converted)", rerun(cfg, "converts again"))
+
+    replace_layers(model, cfg.model.targets, kind, conversion_budget, per_layer, after_each=converted, **options)
     model.to(device)
     keeper = budget_keeper(cfg, model, budget, anneal)
     if cfg.dry_run:
@@ -100,10 +140,12 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
     elif cfg.train.epochs == 0:
         compress_only(task, model, keeper, metrics)
     else:
-        outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics, logger)
+        outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics, logger, stop)
         history = outcome["history"]
         if not outcome["completed"]:
-            return {"completed": False, "resumable": True, "run_dir": str(run_dir), "history": history}
+            return stopped(run_dir, f"stopped: resume=true continues {run_dir}", True, history)
+    if not cfg.dry_run:
+        stop.check("in the final evaluation", *after_training(cfg, run_dir))
 
     result = {
         "model": cfg.model.name, "data": cfg.data.name, "weight": kind, "budget": budget, "seed": cfg.seed,
@@ -114,9 +156,11 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         "history": history, "world_size": distributed.world_size(), "time_s": round(time.time() - start_time, 2),
         "versions": versions(), "config": plain(cfg), "identity": identity(cfg), "completed": True,
     }
+    if distributed.is_main() and not cfg.dry_run:  # the reported model, reusable: gblr.run.export.load(run_dir)
+        result["export"] = export.save(run_dir, model, result, task.info)
+    if not cfg.dry_run:  # the last safe point: results.json marks a finished run
+        stop.check("in the export", *after_training(cfg, run_dir))
     if distributed.is_main():
-        if not cfg.dry_run:  # the reported model, reusable: gblr.run.export.load(run_dir)
-            result["export"] = export.save(run_dir, model, result, task.info)
         write_json(run_dir / "results.json", result)
         log.info(f"results: {run_dir / 'results.json'}")
         print(summary_table(result), flush=True)
@@ -205,7 +249,7 @@ def compress_only(task, model, keeper: Budget, metrics: dict) -> None:
     metrics[f"converted_{task.metric}"] = evaluated[task.metric]
 
 
-def dense_start(cfg, task, model, device) -> dict | None:
+def dense_start(cfg, task, model, device, stop: StopRequest) -> dict:
     """The dense starting model: pretrained weights as loaded, or trained here and cached.
 
     The cache key is the model, the data and every setting the start is trained with (``start``),
@@ -213,8 +257,8 @@ def dense_start(cfg, task, model, device) -> dict | None:
     The entry is verified on load (key and checksum, ``gblr.system.files.entry_problem``); one that is
     corrupt or made for other settings is trained again, with a warning naming it; one of the wrong kind
     (a folder) is moved aside before training (``gblr.system.files.clear_entry``). One process
-    trains an entry while the others wait for it. Returns the start's metrics, or None when a
-    preemption signal stopped its training (nothing is cached then).
+    trains an entry while the others wait for it. Returns the start's metrics; raises ``Stopped`` when
+    a preemption signal stopped its training (nothing is cached then).
     """
     if cfg.model.pretrained:
         return task.evaluate(model)
@@ -245,9 +289,10 @@ def dense_start(cfg, task, model, device) -> dict | None:
         log.info(f"training the dense start ({settings['epochs']} epochs); cached at {path}")
         outcome = train(model, task.train_set, task.loss, task.evaluate, settings,
                         groups=param_groups(model, settings["lr"], settings["weight_decay"]),
-                        seed=settings["seed"], device=device, log=log.info, desc="dense start")
+                        seed=settings["seed"], device=device, log=log.info, desc="dense start", stop=stop)
         if not outcome["completed"]:
-            return None
+            raise stop.halt("in the dense start, which is cached only when finished",
+                            "nothing to resume; run the command again: it trains the dense start again")
         metrics = task.evaluate(model)
         if distributed.is_main():
             write_entry(path, lambda tmp: torch.save({"model": model.state_dict(), "metrics": metrics, "key": key}, tmp),
@@ -256,18 +301,20 @@ def dense_start(cfg, task, model, device) -> dict | None:
     return metrics
 
 
-def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: dict, logger: Logger) -> dict:
+def fine_tune(cfg, task, model, keeper: Budget, run_dir: Path, device, metrics: dict, logger: Logger,
+              stop: StopRequest) -> dict:
     """Fine-tune the structured model under the budget; add the converted and final metrics to
     ``metrics`` (the final ones of the hard structure). Returns ``train``'s outcome; the logger
     is closed here when training fails (the runner closes it with the results otherwise)."""
     metrics[f"converted_{task.metric}"] = task.evaluate(model)[task.metric]
     metrics["converted_budget"] = keeper.current  # above the budget when weight.anneal converts at a multiple
+    stop.check("in the evaluation of the converted model", rerun(cfg, "converts again"))
     try:
         t = cfg.train
         groups = training_groups(model, t.lr, t.weight_decay, keeper)
         outcome = train(model, task.train_set, task.loss, task.evaluate, plain(t), groups=groups, seed=cfg.seed,
                         device=device, checkpoint=run_dir / "checkpoint.pt", resume=cfg.resume, hooks=[keeper],
-                        log=log.info, report=logger.log, desc="fine-tune", stamp=identity(cfg))
+                        log=log.info, report=logger.log, desc="fine-tune", stamp=identity(cfg), stop=stop)
         if outcome["completed"]:
             keeper.finish()
             metrics.update(task.evaluate(model))

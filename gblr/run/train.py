@@ -7,8 +7,6 @@ writes a checkpoint atomically. It knows nothing of any weight type.
 """
 import math
 import random
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +19,7 @@ from tqdm.auto import tqdm
 from gblr.system import distributed
 from gblr.system.files import load_safely, save_checkpoint
 from gblr.system.progress import interactive
+from gblr.system.signals import StopRequest, signal_name
 from gblr.structure.optimizer import build_optimizer
 from gblr.system.errors import BadInput
 
@@ -58,32 +57,6 @@ def autocast_dtype(amp: str, device: torch.device):
     return choices[amp]
 
 
-class StopRequest:
-    """Turns SIGTERM / SIGUSR1 (a scheduler's preemption notice) into a flag read between steps."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signum, self.previous = None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def signal_name(signum) -> str:
-    return signal.Signals(signum).name if signum is not None else "stop request (another rank)"
-
-
 def rng_state() -> dict:
     """The torch, numpy and Python random states as tensors and numbers, so that a checkpoint
     holding them loads with ``torch.load(weights_only=True)``."""
@@ -105,7 +78,8 @@ def set_rng_state(state: dict) -> None:
 
 def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: list[dict], seed: int,
           device: torch.device, checkpoint: Path | None = None, resume: bool = False, hooks=(),
-          log=print, report=None, desc: str = "train", stamp: dict | None = None) -> dict:
+          log=print, report=None, desc: str = "train", stamp: dict | None = None,
+          stop: StopRequest | None = None) -> dict:
     """Train ``model`` in place; return {"history": [per-epoch metrics], "completed": bool, "preempted": bool}.
 
     settings: epochs, batch_size, grad_accum, lr, min_lr, warmup_epochs, schedule, clip_grad, amp,
@@ -131,11 +105,13 @@ def train(model: nn.Module, train_set, loss_fn, evaluate, settings, *, groups: l
     steps and, per epoch, the epoch's metrics with the evaluation's under "val/" and the train loss
     as "train/epoch_loss"; step counts optimizer steps from the start of training.
     stamp: saved in the checkpoint as "identity" (what the run is; the caller checks it before resuming).
+    stop: the caller's ``gblr.system.signals.StopRequest`` when it holds one for longer than training (the
+    runner does, for the whole run); else training holds its own.
     """
     loop = Loop(model, train_set, loss_fn, evaluate, settings, groups=groups, device=device, checkpoint=checkpoint,
                 hooks=hooks, log=log, report=report, desc=desc, stamp=stamp)
     position = loop.resume() if resume else None
-    with StopRequest() as stop:
+    with StopRequest() if stop is None else nullcontext(stop) as stop:
         for epoch in range(loop.start_epoch, loop.epochs):
             stopped = loop.epoch(epoch, seed, position, stop)
             position = None

@@ -137,7 +137,7 @@ def target_layers(model: nn.Module, targets) -> list[tuple[str, nn.Module]]:
 
 
 def replace_layers(model: nn.Module, targets, kind: str, budget: float, per_layer: dict[str, dict] | None = None,
-                   **options) -> list[tuple[str, StructuredLinear]]:
+                   *, after_each=None, **options) -> list[tuple[str, StructuredLinear]]:
     """Replace every layer of ``target_layers(model, targets)`` by ``from_dense(kind, ...)``.
 
     budget: each layer's target MACs / its dense MACs; ``options`` go to ``gblr.layers.from_dense``
@@ -146,7 +146,8 @@ def replace_layers(model: nn.Module, targets, kind: str, budget: float, per_laye
     allocation chose (``rank``). The new layer takes (..., in) like the old one and gives (..., out),
     on the old weight's device and dtype. Returns [(name, new layer)] in model order. Raises
     BadInput naming a target that matches no replaceable layer (nothing is replaced then). Logs
-    one line per layer (a GBLR fit or SVD of a large layer takes seconds).
+    one line per layer (a GBLR fit or SVD of a large layer takes seconds). after_each(done, total), when
+    given, is called after each layer: a safe point, where the runner stops on a preemption signal.
     """
     chosen = target_layers(model, targets)
     replaced = []
@@ -160,6 +161,8 @@ def replace_layers(model: nn.Module, targets, kind: str, budget: float, per_laye
         replaced.append((name, new))
         log.info(f"converted {i}/{len(chosen)} {name} ({weight.shape[0]}x{weight.shape[1]}) to {kind} "
                  f"in {time.monotonic() - start:.2f} s")
+        if after_each is not None:
+            after_each(i, len(chosen))
     return replaced
 
 
