@@ -99,6 +99,40 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
     """data -> model -> dense start -> calibration (weight.calibration) -> structured layers under the
     budget -> fine-tune (none with train.epochs=0) -> results.json. ``stop`` is read at every safe point
     (``Stopped`` names it)."""
+    task, model, weights, options = prepare(cfg, kind, budget, device)
+    stop.check("while loading the data and the model", "nothing to resume; run the command again")
+    metrics, history = {}, []
+    if not cfg.dry_run:
+        start = dense_start(cfg, task, model, device, stop)
+        stop.check("after the dense start", rerun(cfg, "converts"))
+        metrics.update({f"start_{k}": v for k, v in start.items()})
+    keeper, calibration = convert(cfg, task, model, kind, budget, options, device, stop)
+    if cfg.dry_run:
+        keeper.finish()  # the structure's cost at the end of training: the budget's
+    elif cfg.train.epochs == 0:
+        compress_only(task, model, keeper, metrics)
+    else:
+        outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics, logger, stop)
+        history = outcome["history"]
+        if not outcome["completed"]:
+            return stopped(run_dir, f"stopped: resume=true continues {run_dir}", True, history)
+    if not cfg.dry_run:
+        stop.check("in the final evaluation", *after_training(cfg, run_dir))
+    result = {
+        "model": cfg.model.name, "data": cfg.data.name, "weight": kind, "budget": budget, "seed": cfg.seed,
+        "start_seed": cfg.start.seed, "metric": task.metric, "dry_run": bool(cfg.dry_run),
+        "data_description": task.info["description"] if task.info else None, "weights": weights,
+        "metrics": metrics, "calibration": calibration, "flops": mac_report(model, task.mac_tokens),
+        "layers": per_layer_report(model), "structure": keeper.report() if keeper.layers else None,
+        "history": history, "world_size": distributed.world_size(), "time_s": round(time.time() - start_time, 2),
+        "versions": versions(), "config": plain(cfg), "identity": identity(cfg), "completed": True,
+    }
+    return write_results(cfg, run_dir, result, model, task, logger, stop)
+
+
+def prepare(cfg, kind: str, budget: float, device):
+    """(task, model, where its weights came from, conversion options): the data loaded (not in a dry
+    run) and the conversion checked on the fresh model, before the dense start."""
     task = build_task(cfg, device)
     check_writable(task.cache_dir, "cache_dir")
     if not cfg.dry_run:
@@ -116,14 +150,13 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
         log.info(f"model {cfg.model.name}: {weights}")
     options = dry_run_options(kind, conversion_options(cfg)) if cfg.dry_run else conversion_options(cfg)
     check_conversion(model, cfg.model.targets, kind, budget, options)
-    stop.check("while loading the data and the model", "nothing to resume; run the command again")
+    return task, model, weights, options
 
-    metrics, history = {}, []
-    if not cfg.dry_run:
-        start = dense_start(cfg, task, model, device, stop)
-        stop.check("after the dense start", rerun(cfg, "converts"))
-        metrics.update({f"start_{k}": v for k, v in start.items()})
 
+def convert(cfg, task, model, kind: str, budget: float, options: dict, device,
+            stop: StopRequest) -> tuple[Budget, dict | None]:
+    """The calibration pass (if any), the target layers replaced, and the Budget that holds them:
+    (the keeper, the calibration report or None)."""
     anneal = structure_anneal(cfg, budget, None if cfg.dry_run else len(task.train_set))
     conversion_budget = anneal["start"] if anneal else budget
     per_layer, calibration = layer_options(cfg, task, model, kind, conversion_budget)
@@ -134,29 +167,12 @@ def experiment(cfg, kind: str, budget: float, run_dir: Path, device, start_time:
 
     replace_layers(model, cfg.model.targets, kind, conversion_budget, per_layer, after_each=converted, **options)
     model.to(device)
-    keeper = budget_keeper(cfg, model, budget, anneal)
-    if cfg.dry_run:
-        keeper.finish()  # the structure's cost at the end of training: the budget's
-    elif cfg.train.epochs == 0:
-        compress_only(task, model, keeper, metrics)
-    else:
-        outcome = fine_tune(cfg, task, model, keeper, run_dir, device, metrics, logger, stop)
-        history = outcome["history"]
-        if not outcome["completed"]:
-            return stopped(run_dir, f"stopped: resume=true continues {run_dir}", True, history)
-    if not cfg.dry_run:
-        stop.check("in the final evaluation", *after_training(cfg, run_dir))
+    return budget_keeper(cfg, model, budget, anneal), calibration
 
-    result = {
-        "model": cfg.model.name, "data": cfg.data.name, "weight": kind, "budget": budget, "seed": cfg.seed,
-        "start_seed": cfg.start.seed, "metric": task.metric, "dry_run": bool(cfg.dry_run),
-        "data_description": task.info["description"] if task.info else None, "weights": weights,
-        "metrics": metrics, "calibration": calibration, "flops": mac_report(model, task.mac_tokens),
-        "layers": per_layer_report(model), "structure": keeper.report() if keeper.layers else None,
-        "history": history, "world_size": distributed.world_size(), "time_s": round(time.time() - start_time, 2),
-        "versions": versions(), "config": plain(cfg), "identity": identity(cfg), "completed": True,
-    }
-    if distributed.is_main() and not cfg.dry_run:  # the reported model, reusable: gblr.run.export.load(run_dir)
+
+def write_results(cfg, run_dir: Path, result: dict, model, task, logger: Logger, stop: StopRequest) -> dict:
+    """The export, then results.json (last: it marks a finished run), the summary table, the logger closed."""
+    if distributed.is_main() and not cfg.dry_run:  # the reported model, reusable: gblr.load(run_dir)
         result["export"] = export.save(run_dir, model, result, task.info)
     if not cfg.dry_run:  # the last safe point: results.json marks a finished run
         stop.check("in the export", *after_training(cfg, run_dir))
