@@ -39,8 +39,7 @@ from gblr.tasks.models import build_gpt2
 from gblr.system.files import versions, write_json
 from gblr.structure.surgery import replace_layers
 from gblr.structure.budget import Budget
-from gblr.structure.optimizer import build_optimizer
-from gblr.structure.optimizer import param_groups
+from gblr.structure.optimizer import build_optimizer, training_groups
 
 KINDS = ("dense", "lowrank", "monarch", "gblr")
 PRESET = "gpt2_wikitext103_ft"
@@ -66,7 +65,9 @@ def bench_kind(kind: str, args, device: torch.device) -> dict:
     macs = count_macs(model, args.seq)
     model.to(device).train()
     keeper = Budget(model, budget, structure_lr=t.structure_lr or t.lr, structure_optimizer=t.structure_optimizer)
-    optimizer = build_optimizer(param_groups(model, t.lr, t.weight_decay, apart=keeper.parameters()) + keeper.param_groups())
+    groups = training_groups(model, t.lr, t.weight_decay, keeper)
+    optimizer = build_optimizer(groups)
+    clipped = [p for group in groups if group.get("clip", True) for p in group["params"]]  # as train.clip_grad
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     cuda = device.type == "cuda"
 
@@ -75,7 +76,7 @@ def bench_kind(kind: str, args, device: torch.device) -> dict:
             logits = model(ids).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+        nn.utils.clip_grad_norm_(clipped, t.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         keeper.after_step(1.0)

@@ -43,8 +43,7 @@ from gblr.tasks.models import build_vit
 from gblr.system.files import versions, write_json
 from gblr.structure.surgery import VIT_TARGETS, split_qkv
 from gblr.structure.budget import Budget
-from gblr.structure.optimizer import build_optimizer
-from gblr.structure.optimizer import param_groups
+from gblr.structure.optimizer import build_optimizer, training_groups
 
 MIB = 1024  # ru_maxrss is in KiB on Linux
 
@@ -85,7 +84,9 @@ def one_kind(args) -> dict:
     macs = [(m.macs_per_token(), m.dense_macs_per_token()) for m in layers] or [(1, 1)]  # dense: none replaced
     mac_ratio = sum(m for m, _ in macs) / sum(d for _, d in macs)
     budget = Budget(model, args.budget, structure_lr=1e-4)  # a no-op without GBLR layers
-    optimizer = build_optimizer(param_groups(model, 1e-4, 0.05, apart=budget.parameters()) + budget.param_groups())
+    groups = training_groups(model, 1e-4, 0.05, budget)
+    optimizer = build_optimizer(groups)
+    clipped = [p for group in groups if group.get("clip", True) for p in group["params"]]  # as train.clip_grad
     images = torch.randn(args.batch, 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
 
@@ -93,7 +94,7 @@ def one_kind(args) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(clipped, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         budget.after_step(1.0)

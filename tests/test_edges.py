@@ -1,7 +1,6 @@
 """Guarantees at the edges: verified exports, cache entries that heal, data checked before compute,
 file modes and no leftover lock."""
 import json
-import logging
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ from gblr.run.runner import run
 from gblr.structure.surgery import replace_layers
 from gblr.system.config import ROOT, compose
 from gblr.system.errors import BadInput
-from gblr.system.files import BadFile, Busy, cached, entry_record, locked
+from gblr.system.files import BadFile, Busy, cached, locked
 
 QUICK = ["start.epochs=2", "train.epochs=1", "train.batch_size=128", "weight=lowrank"]
 
