@@ -262,25 +262,28 @@ def test_hydras_own_errors_are_one_error_line_and_exit_2(tmp_path, override, lin
 
 def held_sweep(sweep, cache_dir, budget="0.3"):
     """A dry-run sweep over lowrank and monarch into ``sweep`` while this process holds lowrank's folder,
-    as a second sweep into the same folder would."""
-    with locked(sweep / f"lowrank-b{budget}-s0" / ".lock", what="the other sweep's job"):
-        return command("-m", "weight=lowrank,monarch", "dry_run=true", f"budget={budget}", f"cache_dir={cache_dir}",
+    as a second sweep into the same folder would: (the sweep's process, the lock's record at its end,
+    read before this process lets go, which removes the file)."""
+    lock = sweep / f"lowrank-b{budget}-s0" / ".lock"
+    with locked(lock, what="the other sweep's job"):
+        done = command("-m", "weight=lowrank,monarch", "dry_run=true", f"budget={budget}", f"cache_dir={cache_dir}",
                        f"hydra.sweep.dir={sweep}")
+        return done, lock.read_text()
 
 
 def test_a_sweep_skips_a_job_another_process_holds_and_reports_its_own_jobs(tmp_path, cache_dir):
     sweep, elsewhere = tmp_path / "sweep", "1 job(s) running elsewhere (another process holds the folder; skipped, " \
                                            "nothing written there): lowrank-b0.3-s0"
-    done = held_sweep(sweep, cache_dir)
+    done, record = held_sweep(sweep, cache_dir)
     assert done.returncode == 0, done.stderr[-2000:]  # a job running elsewhere is not a failure
     report = [ln.split(": ", 1)[1] for ln in done.stderr.splitlines() if ln.startswith(f"sweep in {sweep}: ")]
     assert report == [elsewhere, "1 job(s) finished in this process: monarch-b0.3-s0"]
     held = sweep / "lowrank-b0.3-s0"
-    assert {p.name for p in held.iterdir()} <= {".lock", ".hydra", "run.log"}  # no error.txt, no results.json
-    assert (held / ".lock").read_text().startswith(f"pid {os.getpid()} ")  # the holder's record untouched
+    assert {p.name for p in held.iterdir()} <= {".hydra", "run.log"}  # no error.txt, no results.json, no lock left
+    assert record.startswith(f"pid {os.getpid()} ")  # the holder's record untouched while it held the folder
     assert json.loads((sweep / "monarch-b0.3-s0" / "results.json").read_text())["completed"]
 
-    failing = held_sweep(tmp_path / "failing", cache_dir, "0.0001")  # monarch really fails
+    failing, _ = held_sweep(tmp_path / "failing", cache_dir, "0.0001")  # monarch really fails
     assert failing.returncode == 6, failing.stderr[-2000:]
     assert "error: 1 job(s) of the sweep" in failing.stderr and "  monarch-b0.0001-s0: " in failing.stderr
     assert "1 job(s) running elsewhere" in failing.stderr
