@@ -26,6 +26,7 @@ __all__ = list(_HOMES)
 def __getattr__(name: str):
     if name not in _HOMES:
         raise AttributeError(f"module 'gblr' has no attribute {name!r}")
+    importlib.import_module("gblr.tasks")  # registers the model families the structure code consults
     value = getattr(importlib.import_module(_HOMES[name]), name)
     globals()[name] = value
     return value

@@ -19,7 +19,8 @@ from gblr.system.config import compose
 from gblr.layers import lowrank_rank
 from gblr.layers.whiten import gram_root, output_error
 from gblr.run.runner import dense_start
-from gblr.structure.surgery import dense_weight, target_layers
+from gblr.structure.family import linear_weight
+from gblr.structure.surgery import target_layers
 from gblr.tasks import build_task
 
 
@@ -63,7 +64,7 @@ def main(argv):
     reference, ref_report = runs[counts[-1]]
     print(f"{cfg.model.name} on {cfg.data.name}: {len(layers)} target layers, batch {cfg.train.batch_size}, "
           f"{available} batches in the training split; Grams {ref_report['memory_bytes'] / 2**20:.3f} MiB")
-    weights = {name: dense_weight(m)[0].detach() for name, m in layers}
+    weights = {name: linear_weight(m)[0].detach() for name, m in layers}
     print(f"{'batches':>8} {'tokens':>10} {'seconds':>8} {'max rel. diff vs ' + str(counts[-1]):>22} "
           f"{'output error ratio':>19}")
     for n, (grams, report) in runs.items():

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from gblr.system.config import ROOT, compose
 from gblr.structure.macs import count_macs
-from gblr.tasks.models import build_gpt2
+from gblr.tasks.language import build_gpt2
 from gblr.system.files import versions, write_json
 from gblr.structure.surgery import replace_layers
 from gblr.structure.budget import Budget
@@ -94,7 +94,7 @@ def bench_kind(kind: str, args, device: torch.device) -> dict:
     row = dict(kind=kind, options=options, surgery_s=surgery_s, warmup_s=times[0], step_s=statistics.median(times[1:]),
                times_s=times[1:], params=sum(p.numel() for p in model.parameters()),
                relative_macs_replaced=macs["relative_replaced"] or 1.0, relative_macs_model=macs["relative_model"],
-               relative_macs_paper=macs["relative_paper"])
+               relative_macs_paper=macs["paper"])
     row["tokens_per_s"] = args.batch * args.seq / row["step_s"]
     if cuda:
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -40,7 +40,8 @@ from gblr.structure.budget import uniform_project_widths
 from gblr.system.files import write_json
 from gblr.structure.macs import mac_report
 from gblr.layers import GBLRLinear, to_inference
-from gblr.tasks.models import build_gpt2, build_vit
+from gblr.tasks.language import build_gpt2
+from gblr.tasks.vision import build_timm
 from gblr.structure.surgery import replace_layers, structured_layers
 
 KINDS = ("lowrank", "monarch", "gblr", "gblr-random")
@@ -56,7 +57,7 @@ def build(family: str, name: str, batch: int, tokens: int, device, seed: int):
     """(model in eval mode, example input, tokens per sample) for ``family`` vit or gpt2."""
     torch.manual_seed(seed)
     if family == "vit":
-        model, _ = build_vit(name)
+        model, _ = build_timm(name)
         size = model.patch_embed.img_size[0]
         x = torch.randn(batch, 3, size, size)
         per_sample = model.patch_embed.num_patches + model.num_prefix_tokens

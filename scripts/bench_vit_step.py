@@ -39,9 +39,9 @@ from torch.nn import functional as F
 
 from gblr.system.config import ROOT
 from gblr.layers import GBLRLinear, StructuredLinear, build
-from gblr.tasks.models import build_vit
+from gblr.tasks.vision import build_timm
 from gblr.system.files import versions, write_json
-from gblr.structure.surgery import VIT_TARGETS, split_qkv
+from gblr.tasks.vision import VIT_TARGETS, split_qkv
 from gblr.structure.budget import Budget
 from gblr.structure.optimizer import build_optimizer, training_groups
 
@@ -60,7 +60,7 @@ def structured_vit(kind: str, budget: float) -> tuple[nn.Module, int]:
     if kind == "gblr-reference":
         GBLRLinear.apply_weight = GBLRLinear.apply_weight_reference  # this process only (--one)
         kind = "gblr"
-    model, _ = build_vit("vit_base")
+    model, _ = build_timm("vit_base")
     if kind == "dense":
         return model, 0
     split_qkv(model)  # q, k, v become three Linear(768, 768), as replace_layers does

@@ -32,10 +32,10 @@ def command(*args):
 
 def vit_export(folder, seed=0):
     """A tiny ViT with low-rank layers exported into ``folder`` (no run: seconds)."""
-    from gblr.tasks.models import build_vit
+    from gblr.tasks.vision import build_timm
 
     torch.manual_seed(seed)
-    model, _ = build_vit("vit_tiny")
+    model, _ = build_timm("vit_tiny")
     replace_layers(model, None, "lowrank", 0.3)
     export.save(folder, model, {"model": "vit_tiny", "weight": "lowrank", "budget": 0.3})
     return model

@@ -49,7 +49,7 @@ def test_a_penalty_run_exports_its_projected_model_which_reloads_to_the_same_met
 
 
 def test_gpt2_export_round_trip(tmp_path):
-    from gblr.tasks.models import build_gpt2
+    from gblr.tasks.language import build_gpt2
     from gblr.structure.surgery import replace_layers
 
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ import torch
 from gblr.run import runner
 from gblr.system.config import compose
 from gblr.system.hub import WeightsNotFound
-from gblr.tasks.models import GPT2_TINY, VIT_ARCH, VIT_TINY
+from gblr.tasks.language import GPT2_TINY
+from gblr.tasks.vision import VIT_ARCH, VIT_TINY
 
 
 @pytest.fixture

@@ -115,10 +115,43 @@ def test_the_import_graph_has_no_cycle():
         visit(name, [])
 
 
-def test_the_runner_never_branches_on_a_model_family():
-    source = (PACKAGE / "run" / "runner.py").read_text()
-    for word in ('"vit"', '"gpt2"', "'vit'", "'gpt2'", "family"):
-        assert word not in source
+# What names a model family in code: its libraries, its classes, its preset names as strings.
+FAMILY_LIBRARIES = ("timm", "transformers")
+FAMILY_WORDS = re.compile(r"VisionTransformer|GPT2|Conv1D|PreTrainedModel|Llama|GPTNeoX|Mixer|Attention\b")
+FAMILY_STRINGS = ("vit", "vit_base", "vit_tiny", "gpt2", "gpt2_tiny", "timm", "transformers")
+
+
+def code_without_docs(path: Path) -> tuple[set[str], set[str], set[str]]:
+    """(modules imported, identifiers and attribute names used, string constants outside docstrings) of a file."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+               and id(n) not in docstrings}
+    return imported_modules(path), names, strings
+
+
+def test_no_family_branch_outside_the_tasks():
+    """A model family is one file of gblr/tasks/: the layers, the structure, the run and the report never
+    import a model library, name a family's classes or compare with a preset's name."""
+    for package in ("layers", "structure", "run", "report"):
+        for path in (PACKAGE / package).rglob("*.py"):
+            modules, names, strings = code_without_docs(path)
+            assert not {m.split(".")[0] for m in modules} & set(FAMILY_LIBRARIES), f"{path} imports a model library"
+            assert not [n for n in names if FAMILY_WORDS.search(n)], f"{path} names a family's class"
+            assert not strings & set(FAMILY_STRINGS), f"{path} compares with a family's name"
+
+
+def test_each_family_is_one_file():
+    """Each registered family's class lives in its own module of gblr/tasks/."""
+    from gblr.structure.family import FAMILIES
+
+    homes = [family.__module__ for family in FAMILIES]
+    assert len(homes) == len(set(homes)) >= 2
+    assert all(home.startswith("gblr.tasks.") for home in homes)
 
 
 def test_no_weight_type_is_named_outside_the_layers_and_its_own_checks():

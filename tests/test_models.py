@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from gblr.system.hub import WeightsNotFound, find_pretrained
-from gblr.tasks.models import build_gpt2, build_vit
+from gblr.tasks.language import build_gpt2
+from gblr.tasks.vision import build_timm
 
 VIT_HUB = "timm/vit_base_patch16_224.augreg_in21k_ft_in1k"
 
@@ -15,7 +16,7 @@ def tiny_gpt2(**overrides):
 
 
 def test_vit_tiny_shapes_and_names():
-    model, weights = build_vit("vit_tiny")
+    model, weights = build_timm("vit_tiny")
     assert weights == "random init"
     names = dict(model.named_modules())
     for name in ("blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.3.mlp.fc1", "blocks.3.mlp.fc2", "head"):
@@ -23,14 +24,14 @@ def test_vit_tiny_shapes_and_names():
     assert len(model.blocks) == 4 and model.embed_dim == 64 and model.patch_embed.num_patches == 64
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
-    small, _ = build_vit("vit_tiny", embed_dim=32, depth=2, in_chans=1, num_classes=5)
+    small, _ = build_timm("vit_tiny", embed_dim=32, depth=2, in_chans=1, num_classes=5)
     assert small.embed_dim == 32 and len(small.blocks) == 2
     assert small(torch.randn(1, 1, 32, 32)).shape == (1, 5)
 
 
 def test_vit_base_is_timm_vit_b16():
     with torch.device("meta"):  # shapes only: no 86M-parameter init
-        model, weights = build_vit("vit_base")
+        model, weights = build_timm("vit_base")
     assert weights == "random init"
     assert tuple(model.patch_embed.patch_size) == (16, 16) and tuple(model.patch_embed.img_size) == (224, 224)
     assert model.embed_dim == 768 and len(model.blocks) == 12 and model.head.out_features == 1000
@@ -54,7 +55,7 @@ def test_gpt2_configs_and_eager_attention():
 
 def test_unknown_names_are_rejected():
     with pytest.raises(ValueError, match="vit_huge"):
-        build_vit("vit_huge")
+        build_timm("vit_huge")
     with pytest.raises(ValueError, match="gpt3"):
         build_gpt2("gpt3")
 
@@ -62,7 +63,7 @@ def test_unknown_names_are_rejected():
 @pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "safetensors"])
 def test_vit_local_state_dict_round_trip(tmp_path, wrap):
     torch.manual_seed(0)
-    source, _ = build_vit("vit_tiny")
+    source, _ = build_timm("vit_tiny")
     state = source.state_dict()
     if wrap == "safetensors":
         path = tmp_path / "vit.safetensors"
@@ -71,27 +72,27 @@ def test_vit_local_state_dict_round_trip(tmp_path, wrap):
         path = tmp_path / "vit.pth"
         torch.save(state if wrap == "plain" else {wrap: state, "epoch": 3}, path)
     torch.manual_seed(1)
-    loaded, weights = build_vit("vit_tiny", pretrained=str(path))
+    loaded, weights = build_timm("vit_tiny", pretrained=str(path))
     assert weights == f"local file {path}"
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), source.eval()(x))
 
 
 def test_vit_local_weights_that_do_not_fit(tmp_path):
-    source, _ = build_vit("vit_tiny", num_classes=7)
+    source, _ = build_timm("vit_tiny", num_classes=7)
     path = tmp_path / "vit.pth"
     torch.save(source.state_dict(), path)
     # Another label set: the head is left at random init and the note says so.
-    model, weights = build_vit("vit_tiny", pretrained=str(path), num_classes=10)
+    model, weights = build_timm("vit_tiny", pretrained=str(path), num_classes=10)
     assert "head re-initialized" in weights and "7 classes" in weights
     torch.testing.assert_close(model.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
     # Another architecture: a clear error, not a silently partial load.
     with pytest.raises(ValueError, match="do not fit the model: missing .*blocks.4"):
-        build_vit("vit_tiny", pretrained=str(path), depth=6)
+        build_timm("vit_tiny", pretrained=str(path), depth=6)
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not read pretrained weights.*corrupt.pth"):
-        build_vit("vit_tiny", pretrained=str(corrupt))
+        build_timm("vit_tiny", pretrained=str(corrupt))
 
 
 def test_gpt2_local_directory_and_file(tmp_path):
@@ -115,7 +116,7 @@ def test_gpt2_local_directory_and_file(tmp_path):
 def test_missing_local_path_names_it(tmp_path):
     missing = tmp_path / "nowhere" / "vit.pth"
     with pytest.raises(FileNotFoundError, match="nowhere/vit.pth"):
-        build_vit("vit_tiny", pretrained=str(missing))
+        build_timm("vit_tiny", pretrained=str(missing))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_gpt2("gpt2_tiny", pretrained="./no_such_gpt2_dir")
 
@@ -130,7 +131,7 @@ def test_hub_names_missing_from_the_cache_fail_fast_offline(hf_cache, monkeypatc
     monkeypatch.setattr(socket, "create_connection", connect)
     with pytest.raises(WeightsNotFound, match=r"'timm/vit_base_patch16_224.augreg_in21k_ft_in1k' are not in the Hugging "
                                               r"Face cache .*HF_HUB_OFFLINE=1 is set.*`hf download timm/vit_base_patch16"):
-        build_vit("vit_base", pretrained=VIT_HUB)
+        build_timm("vit_base", pretrained=VIT_HUB)
     with pytest.raises(WeightsNotFound, match=r"'openai-community/gpt2'.*`hf download openai-community/gpt2`"):
         build_gpt2("gpt2", pretrained="openai-community/gpt2")
 
@@ -146,7 +147,7 @@ def test_find_pretrained_classifies(tmp_path):
 
 def test_random_fallback_says_why(hf_cache, tmp_path):
     with torch.device("meta"):
-        model, weights = build_vit("vit_base", pretrained=VIT_HUB, allow_random_fallback=True)
+        model, weights = build_timm("vit_base", pretrained=VIT_HUB, allow_random_fallback=True)
     assert model.embed_dim == 768
     assert weights.startswith("random init") and VIT_HUB in weights and "HF_HUB_OFFLINE" in weights
     _, weights = tiny_gpt2(pretrained=str(tmp_path / "missing.pt"), allow_random_fallback=True)
@@ -161,9 +162,9 @@ def test_random_fallback_says_why(hf_cache, tmp_path):
 def test_vit_file_goes_through_timms_checkpoint_filter(tmp_path):
     # Weights for 32 px (8x8 patches) into a 48 px model (12x12): timm's filter resamples the
     # position embeddings; everything else loads as saved.
-    source, _ = build_vit("vit_tiny")
+    source, _ = build_timm("vit_tiny")
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "vit.safetensors"))
-    model, weights = build_vit("vit_tiny", pretrained=str(tmp_path / "vit.safetensors"), img_size=48)
+    model, weights = build_timm("vit_tiny", pretrained=str(tmp_path / "vit.safetensors"), img_size=48)
     assert weights == f"local file {tmp_path / 'vit.safetensors'}"
     assert model.pos_embed.shape == (1, 1 + 12 * 12, 64) and source.pos_embed.shape == (1, 1 + 8 * 8, 64)
     torch.testing.assert_close(model.blocks[2].mlp.fc2.weight, source.blocks[2].mlp.fc2.weight)

@@ -8,13 +8,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from gblr.layers import StructuredLinear
-from gblr.tasks.models import build_gpt2, build_vit
-from gblr.structure.surgery import GPT2_TARGETS, VIT_TARGETS, default_targets, replace_layers, split_qkv, structured_layers
+from gblr.tasks.language import build_gpt2
+from gblr.tasks.vision import build_timm
+from gblr.structure.surgery import default_targets, replace_layers, structured_layers
+from gblr.tasks.language import GPT2_TARGETS
+from gblr.tasks.vision import VIT_TARGETS, split_qkv
 
 
 def tiny_vit():
     torch.manual_seed(0)
-    return build_vit("vit_tiny", depth=2)[0].eval()
+    return build_timm("vit_tiny", depth=2)[0].eval()
 
 
 def tiny_gpt2():
@@ -105,9 +108,11 @@ def test_unmatched_target_is_named_and_nothing_changes():
     assert structured_layers(model) == []
 
 
-def test_default_targets():
-    assert default_targets(tiny_vit()) == VIT_TARGETS
-    assert default_targets(tiny_gpt2()) == GPT2_TARGETS
+def test_default_targets_are_every_linear_layer_but_the_head():
+    parts = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2")
+    assert default_targets(tiny_vit()) == tuple(f"blocks.{b}.{p}" for b in range(2) for p in parts)
+    gpt2 = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert default_targets(tiny_gpt2()) == tuple(f"transformer.h.{b}.{p}" for b in range(2) for p in gpt2)
     with pytest.raises(ValueError, match="Sequential"):
         default_targets(nn.Sequential(nn.Linear(2, 2)))
 
@@ -115,7 +120,7 @@ def test_default_targets():
 def test_conversion_logs_one_line_per_layer_in_model_order(caplog):
     model = tiny_gpt2()
     with caplog.at_level(logging.INFO, logger="gblr"):
-        replaced = replace_layers(model, None, "lowrank", 0.3)
+        replaced = replace_layers(model, GPT2_TARGETS, "lowrank", 0.3)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("converted ")]
     assert len(lines) == len(replaced) == 3 * 2  # c_attn, c_fc, c_proj in each of 2 blocks
     for i, (line, (name, layer)) in enumerate(zip(lines, replaced), start=1):

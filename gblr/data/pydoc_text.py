@@ -16,7 +16,7 @@ import numpy as np
 
 from gblr.data import default_cache_dir
 from gblr.data.token_stream import cache_path, cached_tokens, sha1
-from gblr.data.tokenization import EOS, backend, byte_level_bpe, encode_lines, tokenizer_fingerprint
+from gblr.data.tokenization import EOS, backend, byte_level_bpe, encode_lines, eos_id, tokenizer_fingerprint
 from gblr.system.errors import BadInput
 
 PYDOC_DESCRIPTION = "pydoc_data.topics (CPython reference text)"
@@ -53,9 +53,9 @@ def pydoc_tokens(split, tokenizer, cache_dir=None) -> tuple[np.ndarray, dict]:
     Returns (ids, source) with ids a read-only memmap of shape (n_tokens,).
     """
     topics = pydoc_topics(split)
-    eos = backend(tokenizer).token_to_id(EOS)
+    eos = eos_id(tokenizer)
     if eos is None:
-        raise BadInput(f"the tokenizer has no {EOS} token, which pydoc puts between topics")
+        raise BadInput(f"the tokenizer has neither {EOS} nor an end-of-sequence token, which pydoc puts between topics")
     path = cache_path(cache_dir, "pydoc", split, [split, sha1("\0".join(topics)), tokenizer_fingerprint(tokenizer)])
 
     def make_ids():

@@ -10,7 +10,7 @@ blocks in gblr.data.token_stream; perplexity is in gblr.tasks.metrics.
 import sys
 
 from gblr.data.pydoc_text import PYDOC_DESCRIPTION, pydoc_tokenizer, pydoc_tokens
-from gblr.data.tokenization import EOS, backend, load_tokenizer, tokenizer_fingerprint
+from gblr.data.tokenization import backend, eos_id, load_tokenizer, tokenizer_fingerprint
 from gblr.data.wikitext import WIKITEXT_DESCRIPTION, wikitext_tokens
 from gblr.system.errors import BadInput
 
@@ -59,7 +59,7 @@ def build_text_data(
         "tokenizer": tokenizer or ("gpt2" if name == "wikitext103" else f"pydoc byte-level BPE {vocab_size}"),
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "vocab_size": tok_backend.get_vocab_size(with_added_tokens=True),
-        "eos_id": tok_backend.token_to_id(EOS),
+        "eos_id": eos_id(tok),
         "eos_between_documents": name == "pydoc",
         "block_size": block_size,
         "eval_split": eval_split,

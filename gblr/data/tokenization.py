@@ -88,6 +88,13 @@ def backend(tokenizer):
     return getattr(tokenizer, "backend_tokenizer", tokenizer)
 
 
+def eos_id(tokenizer) -> int | None:
+    """The id of the document separator: <|endoftext|> (GPT-2's, the local BPE's), else the
+    tokenizer's own end-of-sequence token (Llama's </s>), else None."""
+    found = backend(tokenizer).token_to_id(EOS)
+    return found if found is not None else getattr(tokenizer, "eos_token_id", None)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha1 (16 hex) of the tokenizer's full json: vocab, merges, normalizer, special tokens."""
     return sha1(backend(tokenizer).to_str())[:16]

@@ -6,7 +6,8 @@
 
 The run folder gets ``model.safetensors`` (every parameter and buffer of the final model, the one
 ``results.json`` reports: after the last budget projection and the final evaluation) and
-``model.json``: the architecture (timm's architecture name and arguments, or the GPT-2 config), the
+``model.json``: the architecture (its family's record: timm's architecture name and arguments, or a transformers
+class and its config), the
 weight type and budget, the parameters' dtype, the data's normalization, and per replaced layer its
 weight type, shape and ``build_options()``, and the weights' sha256. ``load`` checks the weights
 against that sha256 and every size model.json gives against the shapes the weights' header holds
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import gblr.tasks  # noqa: F401  (registers the model families)
+from gblr.structure.family import family_of, family_named
 from gblr.system.files import BadFile, atomic_write, checksum, write_json
 from gblr.system.errors import BadInput, MissingInput
 
@@ -32,31 +35,14 @@ UNVERIFIED = "gblr-export/1"  # written before the sha256 was: loaded with a war
 
 
 def architecture(model: nn.Module) -> dict:
-    """What builds ``model``'s dense architecture again (JSON): timm's architecture name and its
-    reconstruction arguments, or a transformers class and its config."""
-    from timm.models import get_model_args
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        return {"library": "transformers", "class": type(model).__name__, "config": model.config.to_dict()}
-    if getattr(model, "pretrained_cfg", None) and hasattr(model, "_model_args"):  # made by timm.create_model
-        return {"library": "timm", "architecture": model.pretrained_cfg["architecture"], "args": get_model_args(model)}
-    raise BadInput(f"cannot export a {type(model).__name__}: only timm.create_model and transformers models")
+    """What builds ``model``'s dense architecture again (JSON): its family's record
+    (``gblr.structure.family``), with the family's library name under ``library``."""
+    return family_of(model).architecture(model)
 
 
-def build_architecture(spec: dict) -> nn.Module:
+def build_architecture(record: dict) -> nn.Module:
     """The dense model of ``architecture``'s output, at random init."""
-    if spec["library"] == "timm":
-        import timm
-
-        return timm.create_model(spec["architecture"], pretrained=False, **spec["args"])
-    if spec["library"] == "transformers":
-        import transformers
-
-        cls = getattr(transformers, spec["class"])
-        # eager attention, as gblr.tasks.models builds GPT-2, so that FLOP counters see the attention matmuls
-        return cls(cls.config_class.from_dict({**spec["config"], "attn_implementation": "eager"}))
-    raise BadInput(f"unknown model library {spec['library']!r} in an export; expected 'timm' or 'transformers'")
+    return family_named(record.get("library")).build_architecture(record)
 
 
 def layer_structure(model: nn.Module) -> list[dict]:
@@ -156,15 +142,15 @@ def build_model(folder: Path, config: dict, shapes: dict, device: torch.device) 
     (nothing allocated) every size of model.json is checked against ``shapes`` first: BadFile names
     the key whose value does not fit."""
     from gblr.layers import build
-    from gblr.structure.surgery import is_qkv_part, split_qkv
+    from gblr.structure.surgery import fused_targets, split_fused
 
     dtype = getattr(torch, str(config.get("dtype")), None)
     if not isinstance(dtype, torch.dtype):
         raise BadFile(f"{folder / CONFIG}: dtype {config.get('dtype')!r} is not a torch dtype")
     with torch.device(device):
         model = build_architecture(config["model"])
-        if any(is_qkv_part(layer["name"]) for layer in config["layers"]):
-            split_qkv(model)  # the replaced q, k, v live where the fused qkv was
+        # the replaced parts of a fused layer (timm's q, k, v) live where it was
+        split_fused(model, fused_targets(model, [layer["name"] for layer in config["layers"]]))
     if device.type == "meta":
         check_sizes(folder, config, model, shapes)
         return model
@@ -182,7 +168,7 @@ def build_model(folder: Path, config: dict, shapes: dict, device: torch.device) 
 def check_sizes(folder: Path, config: dict, shell: nn.Module, shapes: dict) -> None:
     """BadFile naming the model.json key whose size disagrees with the weights: the architecture's tensors against the weights' header (a hand-edited embed_dim or depth), a
     replaced layer's in/out features against the architecture's layer there."""
-    from gblr.structure.surgery import dense_weight
+    from gblr.structure.family import linear_weight
 
     where = f"{folder / CONFIG} does not match {WEIGHTS}"
     replaced = [layer["name"] + "." for layer in config["layers"]]
@@ -200,7 +186,7 @@ def check_sizes(folder: Path, config: dict, shell: nn.Module, shapes: dict) -> N
                           f"shape {tuple(tensor.shape)}, the weights hold {shapes[name]}")
     for i, layer in enumerate(config["layers"]):
         try:
-            out_features, in_features = dense_weight(shell.get_submodule(layer["name"]))[0].shape
+            out_features, in_features = linear_weight(shell.get_submodule(layer["name"]))[0].shape
         except AttributeError:
             raise BadFile(f"{where}: layers[{i}].name {layer['name']!r} is not a layer of the architecture") from None
         for key, size in (("in_features", in_features), ("out_features", out_features)):
@@ -211,13 +197,14 @@ def check_sizes(folder: Path, config: dict, shell: nn.Module, shapes: dict) -> N
 
 def culprit(spec: dict, expected: tuple = (), found: tuple = ()) -> str:
     """The architecture setting that gave a tensor a size the weights do not have, as 'model.args.embed_dim
-    (1048576)', else the architecture's settings ('model.args' or 'model.config')."""
-    section = "args" if spec.get("library") == "timm" else "config"
+    (1048576)', else the architecture's settings ('model.args' for timm, 'model.config' for transformers)."""
+    sections = [key for key in ("args", "config") if isinstance(spec.get(key), dict)]
     odd = set(expected) - set(found)
-    for key, value in (spec.get(section) or {}).items():
-        if isinstance(value, int) and not isinstance(value, bool) and value in odd:
-            return f"model.{section}.{key} ({value})"
-    return f"model.{section}"
+    for section in sections:
+        for key, value in spec[section].items():
+            if isinstance(value, int) and not isinstance(value, bool) and value in odd:
+                return f"model.{section}.{key} ({value})"
+    return " / ".join(f"model.{section}" for section in sections) or "model"
 
 
 def evaluate(path: str | Path, device: str = "cpu") -> dict:

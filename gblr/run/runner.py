@@ -26,7 +26,8 @@ from gblr.system.files import BadFile, check_writable, clear_entry, entry_proble
     write_entry, write_json
 from gblr.run.folder import check_folder, claimed, identity, resolve_run_dir
 from gblr.run.validate import check_config, check_conversion
-from gblr.structure.surgery import dense_weight, replace_layers, target_layers
+from gblr.structure.family import linear_weight
+from gblr.structure.surgery import replace_layers, target_layers
 from gblr.tasks import build_task, plain
 from gblr.structure.allocation import global_ranks
 from gblr.run.tracking import Logger
@@ -248,7 +249,7 @@ def layer_options(cfg, task, model, kind: str, budget: float) -> tuple[dict, dic
                  f"{report['seconds']:.2f} s; Grams (sum of in^2 x 8 bytes) {report['memory_bytes'] / 2**20:.2f} MiB")
     per_layer = {name: {"gram": gram} for name, gram in grams.items()}
     if cfg.weight.allocation == "global":
-        ranks = global_ranks({name: dense_weight(m)[0] for name, m in layers}, budget, grams)
+        ranks = global_ranks({name: linear_weight(m)[0] for name, m in layers}, budget, grams)
         for name, rank in ranks.items():
             per_layer.setdefault(name, {})["rank"] = rank
         log.info(f"allocation=global: ranks {min(ranks.values())}..{max(ranks.values())} over {len(ranks)} layers")

@@ -12,17 +12,18 @@ import time
 import torch
 from torch import nn
 
+from gblr.structure.family import linear_weight
 from gblr.system import distributed
 
 
 def gram_bytes(layers: list[tuple[str, nn.Module]]) -> int:
-    """Bytes of the float64 (in, in) Grams of ``layers`` ([(name, nn.Linear or HF Conv1D)])."""
+    """Bytes of the float64 (in, in) Grams of ``layers`` ([(name, linear layer)])."""
     return sum(8 * in_features(layer) ** 2 for _, layer in layers)
 
 
 def in_features(layer: nn.Module) -> int:
-    """The input width of an nn.Linear or an HF Conv1D (whose weight is (in, out))."""
-    return layer.in_features if isinstance(layer, nn.Linear) else layer.weight.shape[0]
+    """The input width of a linear layer (``gblr.structure.family.linear_weight``)."""
+    return linear_weight(layer)[0].shape[1]
 
 
 @torch.no_grad()

@@ -1,138 +1,126 @@
 """Replace a model's linear layers by structured ones (arXiv 2310.18882, experiments; docs/method.md).
 
-Targets are module-name suffixes: "mlp.fc1" matches ``blocks.3.mlp.fc1``. The paper replaces
-- in a timm ViT: q, k, v (timm's fused ``attn.qkv`` split into three d x d layers), fc1, fc2;
-  attn.proj and the head stay dense;
-- in a Hugging Face GPT-2: attn.c_attn, mlp.c_fc, mlp.c_proj; attn.c_proj, the embeddings and the
-  LM head stay dense.
+Targets are patterns over module names: a name matches a pattern equal to it, ending with "." and
+the pattern ("mlp.fc1" matches ``blocks.3.mlp.fc1``), or matching it as a shell glob
+("blocks.*.mlp.fc1", "*.qkv"). Which layers are linear, which are fused (timm's ``attn.qkv`` is
+[q; k; v]) and which are replaced by default is the model's family's word
+(``gblr.structure.family``; the paper's choices are the presets in configs/model/).
 """
 import logging
 import time
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
-from timm.models.vision_transformer import Attention, VisionTransformer
-from transformers.pytorch_utils import Conv1D
 
 from gblr.layers import from_dense
 from gblr.layers import GBLRLinear, StructuredLinear, to_inference as layer_inference
+from gblr.structure.family import family_of, is_linear, linear_weight
 from gblr.system.errors import BadInput
 
 log = logging.getLogger("gblr")
-VIT_TARGETS = ("attn.q", "attn.k", "attn.v", "mlp.fc1", "mlp.fc2")
-GPT2_TARGETS = ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")
-QKV = ("q", "k", "v")  # the layers split_qkv cuts timm's fused attn.qkv into, in its row order
-
-
-def is_qkv_part(name: str) -> bool:
-    """Whether a target or layer name is attn.q, attn.k or attn.v: a part of timm's fused qkv."""
-    return name.rsplit(".", 1)[-1] in QKV
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
-    """The paper's replaced layers for a timm ViT or an HF GPT-2 (see the module docstring)."""
-    if isinstance(model, VisionTransformer):
-        return VIT_TARGETS
-    if any(isinstance(m, Conv1D) for m in model.modules()):
-        return GPT2_TARGETS
-    raise BadInput(f"no default targets for {type(model).__name__}; pass targets explicitly")
+    """The layers the model's family replaces when no targets are given."""
+    return family_of(model).default_targets(model)
 
 
-class ConcatQKV(nn.Module):
-    """Stands in for timm's fused ``attn.qkv`` after ``split_qkv``: x (..., dim) -> (..., 3 * attn_dim).
+class ConcatParts(nn.Module):
+    """Stands in for a fused layer after ``split_fused``: x (..., in) -> cat(part(x) for each part).
 
-    Returns cat(attn.q(x), attn.k(x), attn.v(x)), the fused layer's output layout, so timm's
-    ``Attention.forward`` runs unchanged. q, k, v are children of the attention module, not of
-    this one, so they are named ``blocks.i.attn.q`` etc. and replacing ``attn.q`` later is seen here.
+    The parts are children of the fused layer's parent (``blocks.i.attn.q`` for timm's
+    ``blocks.i.attn.qkv``), not of this module, so replacing a part later is seen here and the
+    parent's forward runs unchanged.
     """
 
-    def __init__(self, attn: nn.Module):
+    def __init__(self, parent: nn.Module, parts: tuple[str, ...]):
         super().__init__()
-        object.__setattr__(self, "attn", attn)  # a back-reference, not a child (no parameters here)
+        object.__setattr__(self, "parent", parent)  # a back-reference, not a child (no parameters here)
+        self.parts = parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.attn.q(x), self.attn.k(x), self.attn.v(x)], dim=-1)
+        return torch.cat([getattr(self.parent, part)(x) for part in self.parts], dim=-1)
 
     def extra_repr(self) -> str:
-        return "cat(attn.q, attn.k, attn.v)"
+        return f"cat({', '.join(self.parts)})"
+
+
+def fused_targets(model: nn.Module, targets) -> dict[str, tuple[str, ...]]:
+    """{fused layer name: its part names} for the fused layers of ``model`` one of whose parts a target matches."""
+    return {name: parts for name, parts in family_of(model).fused(model).items()
+            if any(matches(part, t) for part in parts for t in targets)}
 
 
 @torch.no_grad()
-def split_qkv(model: nn.Module) -> int:
-    """Split every timm Attention's fused qkv Linear(dim, 3 * attn_dim) into q, k, v Linear(dim, attn_dim).
-
-    The model's outputs are unchanged (same weights, same order: timm reshapes qkv's output as
-    (3, heads, head_dim), so rows [0, d) are q, [d, 2d) k, [2d, 3d) v). Idempotent; returns the
-    number of attention modules split.
-    """
+def split_fused(model: nn.Module, fused: dict[str, tuple[str, ...]]) -> int:
+    """Cut each fused linear layer {name: part names} into its parts, equal row blocks in order, and
+    put ``ConcatParts`` in its place: the model's outputs are unchanged. Returns the number split
+    (a layer already split is skipped)."""
     count = 0
-    for attn in model.modules():
-        if not isinstance(attn, Attention) or not isinstance(attn.qkv, nn.Linear):
+    for name, parts in fused.items():
+        layer = model.get_submodule(name)
+        if not is_linear(layer):
             continue
-        fused, d = attn.qkv, attn.attn_dim
-        for i, part in enumerate(QKV):
-            layer = nn.Linear(fused.in_features, d, bias=fused.bias is not None,
-                              device=fused.weight.device, dtype=fused.weight.dtype)
-            layer.weight.copy_(fused.weight[i * d:(i + 1) * d])
-            if fused.bias is not None:
-                layer.bias.copy_(fused.bias[i * d:(i + 1) * d])
-            setattr(attn, part, layer)
-        attn.qkv = ConcatQKV(attn)
+        weight, bias = linear_weight(layer)
+        parent_name, _, child = name.rpartition(".")
+        parent, rows = model.get_submodule(parent_name), weight.shape[0] // len(parts)
+        for i, part in enumerate(parts):
+            new = nn.Linear(weight.shape[1], rows, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+            new.weight.copy_(weight[i * rows:(i + 1) * rows])
+            if bias is not None:
+                new.bias.copy_(bias[i * rows:(i + 1) * rows])
+            setattr(parent, part.rpartition(".")[2], new)
+        setattr(parent, child, ConcatParts(parent, tuple(p.rpartition(".")[2] for p in parts)))
         count += 1
     return count
 
 
 def matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
-
-
-def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(out, in) weight and (out,) bias of an nn.Linear or an HF Conv1D (whose weight is (in, out))."""
-    if isinstance(module, Conv1D):
-        return module.weight.T, module.bias
-    return module.weight, module.bias
+    """Whether module ``name`` matches target ``pattern`` (see the module docstring)."""
+    return fnmatchcase(name, pattern) or fnmatchcase(name, "*." + pattern)
 
 
 def resolve_targets(model: nn.Module, targets) -> tuple[str, ...]:
-    """targets as a tuple of module-name suffixes; None means ``default_targets(model)``."""
+    """targets as a tuple of patterns; None means ``default_targets(model)``."""
     return default_targets(model) if targets is None else (targets,) if isinstance(targets, str) else tuple(targets)
 
 
 def target_weights(model: nn.Module, targets) -> list[tuple[str, torch.Tensor]]:
     """(name, (out, in) weight) of the layers ``target_layers`` would give, read without changing the
-    model: a q, k or v target reads its third of timm's fused qkv (``split_qkv`` cuts it later)."""
+    model: a part of a fused layer reads its rows (``split_fused`` cuts them later)."""
     targets = resolve_targets(model, targets)
-    fused = [t.rpartition(".")[0] + ".qkv" for t in targets if is_qkv_part(t)]
-    found = []
+    fused, found = fused_targets(model, targets), []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)):
+        if not is_linear(module):
             continue
-        weight = dense_weight(module)[0]
-        if any(matches(name, t) for t in fused):
-            found.append((name[:-2] + QKV[0], weight[: weight.shape[0] // len(QKV)]))  # attn.q: all three alike
+        weight = linear_weight(module)[0]
+        if name in fused:
+            parts = fused[name]
+            found += [(part, weight[i * weight.shape[0] // len(parts):(i + 1) * weight.shape[0] // len(parts)])
+                      for i, part in enumerate(parts) if any(matches(part, t) for t in targets)]
         elif any(matches(name, t) for t in targets):
             found.append((name, weight))
     return found
 
 
 def target_layers(model: nn.Module, targets) -> list[tuple[str, nn.Module]]:
-    """The nn.Linear / HF Conv1D layers whose names end with a target, [(name, layer)] in model order.
+    """The linear layers whose names match a target, [(name, layer)] in model order.
 
-    targets: module-name suffixes, e.g. ``VIT_TARGETS`` or ``GPT2_TARGETS``; None means
-    ``default_targets(model)``. A target ending in q, k or v first splits timm's fused qkv
-    (``split_qkv``; the model's outputs are unchanged). Raises BadInput naming a target that
-    matches no such layer.
+    targets: patterns (see the module docstring); None means ``default_targets(model)``. A target
+    naming a part of a fused layer (timm's attn.q of attn.qkv) first splits that layer
+    (``split_fused``; the model's outputs are unchanged). Raises BadInput naming a target that
+    matches no linear layer.
     """
     targets = resolve_targets(model, targets)
-    if any(map(is_qkv_part, targets)):
-        split_qkv(model)
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    split_fused(model, fused_targets(model, targets))
+    linears = [(name, m) for name, m in model.named_modules() if is_linear(m)]
     for pattern in targets:
         if not any(matches(name, pattern) for name, _ in linears):
             names = ", ".join(name for name, _ in linears[:12])
-            raise BadInput(f"target {pattern!r} matches no nn.Linear/Conv1D layer of {type(model).__name__}; "
-                           f"targets are module-name suffixes such as 'mlp.fc1'. Linear layers: {names}"
-                           f"{', ...' if len(linears) > 12 else ''}")
+            raise BadInput(f"target {pattern!r} matches no linear layer of {type(model).__name__}; targets are "
+                           f"module names, suffixes such as 'mlp.fc1' or globs such as 'blocks.*.mlp.fc1'. "
+                           f"Linear layers: {names}{', ...' if len(linears) > 12 else ''}")
     return [(name, m) for name, m in linears if any(matches(name, pattern) for pattern in targets)]
 
 
@@ -152,7 +140,7 @@ def replace_layers(model: nn.Module, targets, kind: str, budget: float, per_laye
     chosen = target_layers(model, targets)
     replaced = []
     for i, (name, old) in enumerate(chosen, start=1):
-        weight, bias = dense_weight(old)
+        weight, bias = linear_weight(old)
         start = time.monotonic()
         layer_options = {**options, **(per_layer or {}).get(name, {})}
         new = from_dense(kind, weight, bias, budget, **layer_options).to(device=weight.device, dtype=weight.dtype)

@@ -1,7 +1,9 @@
 """Tasks: one class per model family, chosen by the model config's ``task._target_``.
 
 A task owns everything that differs between families: its data, building its model, the loss,
-the evaluation, and the tokens per example that the MAC count uses. The runner only calls:
+the evaluation, the tokens per example that the MAC count uses, and, as the family that
+``gblr.structure.family`` consults, which layers are linear or fused, the default targets, the
+paper's MAC conventions and what an export records. The runner only calls:
 
     task = build_task(cfg, device)         # the class named by cfg.model.task._target_
     task.load_data()                       # fails fast when the data is missing
@@ -10,7 +12,8 @@ the evaluation, and the tokens per example that the MAC count uses. The runner o
     task.metric, task.higher_is_better     # e.g. "top1", True
     task.calibration_batches(n, batch_size, seed)   # the calibration pass's batches (gblr.structure.calibration)
 
-Adding a model family is one class here and one file in configs/model/ (docs/architecture.md).
+Adding a model family is one file here (a Task subclass, ``@register``-ed as a family) and one
+file in configs/model/ (docs/architecture.md). Importing this package registers the families.
 """
 from hydra.utils import get_class
 

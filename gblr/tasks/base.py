@@ -4,6 +4,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from gblr.structure.family import Family
 from gblr.system import distributed
 from gblr.data import default_cache_dir
 from gblr.system.errors import BadInput
@@ -14,8 +15,9 @@ def plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
 
 
-class Task:
-    """A model family's data, model, loss and evaluation (see ``gblr.tasks``).
+class Task(Family):
+    """A model family's data, model, loss and evaluation (see ``gblr.tasks``), and the family itself
+    (``gblr.structure.family.Family``'s class methods).
 
     Subclasses set ``metric`` (the key of ``evaluate``'s result that sweeps compare),
     ``higher_is_better``, ``datasets`` (the data configs they accept) and implement
