@@ -6,6 +6,7 @@ from gblr.structure.budget import project_widths
 from gblr.layers import build, from_dense, to_inference
 from gblr.layers.gaudi import boxcar, dirichlet_mask, hard_locations, hard_widths
 from gblr.layers.gblr import GBLRFunction
+from gblr.layers.inference import CANDIDATES
 
 FORMS = [(mode, options) for mode, options in CANDIDATES] + [
     ("blocks", {"chunk": 7, "block": 8}),  # several chunks, the last one partial; small output blocks
