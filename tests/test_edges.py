@@ -17,6 +17,7 @@ import gblr.system.files
 from gblr.run import export
 from gblr.run.runner import run
 from gblr.structure.surgery import replace_layers
+from gblr.tasks.vision import VIT_TARGETS
 from gblr.system.config import ROOT, compose
 from gblr.system.errors import BadInput
 from gblr.system.files import BadFile, Busy, cached, locked
@@ -36,7 +37,7 @@ def vit_export(folder, seed=0):
 
     torch.manual_seed(seed)
     model, _ = build_timm("vit_tiny")
-    replace_layers(model, None, "lowrank", 0.3)
+    replace_layers(model, VIT_TARGETS, "lowrank", 0.3)
     export.save(folder, model, {"model": "vit_tiny", "weight": "lowrank", "budget": 0.3})
     return model
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -16,6 +17,8 @@ from gblr.tasks.metrics import unigram_perplexity
 from gblr.run.runner import run
 
 EMBEDDED = "experiment=gpt2_tiny_pydoc"
+# The paper presets' FLOP reports at commit c5b6a15 (tests/data/paper_presets.py; test_presets.py)
+STORED_PRESETS = json.loads((Path(__file__).parent / "data" / "paper_presets.json").read_text())
 PAPER = "experiment=gpt2_wikitext103_ft"
 
 
@@ -88,6 +91,8 @@ def test_paper_preset_dry_run_on_random_gpt2_small_is_43_75_percent(tmp_path, we
     assert "random init" in result["weights"] and "HF_HUB_OFFLINE" in result["weights"]
     flops = result["flops"]
     assert flops["tokens"] == 1024 and flops["paper_convention"] is not None
+    stored = STORED_PRESETS[f"gpt2_wikitext103_ft/{weight}"].get("flops", {})  # what the preset gave at c5b6a15
+    assert {k: flops[k] for k in stored} == stored
     if weight == "dense":
         assert flops["paper"] == 1.0 and flops["replaced"] == 1.0 and result["budget"] == 1.0
         return

@@ -70,12 +70,13 @@ def test_dry_run_of_dense_vit_base_reports_its_17_56_g_macs(tmp_path):
 def test_every_config_option_composes():
     groups = {group: sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
               for group in ["model", "weight", "data", "logger", "experiment"]}
-    assert {"vit_tiny", "vit_base"} <= set(groups["model"]) and len(groups["weight"]) == 4
+    assert {"vit_tiny", "vit_base", "timm", "causal_lm"} <= set(groups["model"]) and len(groups["weight"]) >= 4
     for group, options in groups.items():
         for option in options:
             cfg = compose(f"{group}={option}")
             plain = OmegaConf.to_container(cfg, resolve=True)
-            assert "targets" not in plain["weight"] and plain["model"]["targets"]  # the model owns its targets
+            assert "targets" not in plain["weight"] and "targets" in plain["model"]  # the model owns its targets
+            assert plain["model"]["targets"] or option in ("timm", "causal_lm")  # null: the family's default
             assert 0 < plain["budget"] <= 1
     paper = compose("experiment=vit_base_imagenet_ft")
     assert (paper.model.name, paper.data.name, paper.train.epochs, paper.train.lr) == ("vit_base", "imagenet", 35, 1e-4)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from gblr.tasks.vision import build_timm
+from gblr.tasks.vision import VIT_TARGETS, build_timm
 from gblr.structure.surgery import replace_layers
 from gblr.structure.budget import Budget
 from gblr.run.train import lr_factor, train
@@ -17,7 +17,7 @@ from gblr.structure.optimizer import param_groups
 
 def test_three_parameter_groups_with_the_structure_apart():
     model, _ = build_timm("vit_tiny", depth=1)
-    replace_layers(model, None, "gblr", 0.3)
+    replace_layers(model, VIT_TARGETS, "gblr", 0.3)
     budget = Budget(model, 0.3, structure_lr=0.02, structure_optimizer="adam")
     groups = param_groups(model, lr=1e-3, weight_decay=0.05, apart=budget.parameters()) + budget.param_groups()
     decayed, plain, structure = groups

@@ -256,10 +256,11 @@ class CausalLM(Task):
             block_size=d["block_size"], vocab_size=d["vocab_size"], max_positions=self.context,
             eval_split=d.get("eval_split", "validation"))
         if self.info["vocab_size"] > rows:  # an id beyond the embedding would fail deep inside the model
+            rows_are = f"data.vocab_size={rows} embedding rows" if self.preset else f"the model has {rows} embedding rows"
             fix = (f"set data.vocab_size={self.info['vocab_size']} (or more)" if self.preset
                    else "give data.tokenizer the model's own tokenizer")
-            raise BadInput(f"the tokenizer ({self.info['tokenizer']}) has {self.info['vocab_size']} tokens but the "
-                           f"model has {rows} embedding rows; {fix}")
+            raise BadInput(f"the tokenizer ({self.info['tokenizer']}) has {self.info['vocab_size']} tokens but "
+                           f"{rows_are}; {fix}")
         self.train_set = TokenBlocks(train_tokens, d["block_size"])
 
     def embedding_rows(self) -> int:
