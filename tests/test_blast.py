@@ -175,3 +175,14 @@ def test_build_options_rebuild_the_layer():
     twin = build("blast", 96, 64, 1.0, True, **layer.build_options())
     twin.load_state_dict(layer.state_dict())
     assert torch.equal(twin.to_dense(), layer.to_dense()) and twin.macs_per_token() == layer.macs_per_token()
+
+
+def test_the_gpt2_preset_is_the_largest_rank_within_the_papers_point():
+    from gblr.system.config import compose
+
+    cfg = compose("experiment=gpt2_wikitext103_ft", "weight=blast")
+    nblocks, rank = cfg.weight.options.nblocks, cfg.weight.options.rank
+    shapes = [(768, 2304), (768, 3072), (3072, 768)]  # (in, out) of attn.c_attn, mlp.c_fc, mlp.c_proj
+    dense = sum(i * o for i, o in shapes)
+    assert sum(blast_macs(i, o, nblocks, rank) for i, o in shapes) <= cfg.budget * dense
+    assert sum(blast_macs(i, o, nblocks, rank + 1) for i, o in shapes) > cfg.budget * dense
