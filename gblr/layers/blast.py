@@ -102,7 +102,8 @@ def _left_terms(rows: torch.Tensor, C: torch.Tensor, D: torch.Tensor) -> tuple[t
     return C_bar @ rows.mT, torch.einsum("jrs,ijr,ijs->irs", C @ C.mT, D, D)
 
 
-def _right_terms(rows: torch.Tensor, B: torch.Tensor, D: torch.Tensor):
+def _right_terms(rows: torch.Tensor, B: torch.Tensor, D: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For C: (N (b, r, q), Q (b, r, r)) of the quadratic in C_j, N_j = sum_i diag(d_ij) B_i^T W_ij and
     Q_j = sum_i (B_i^T B_i) * d_ij d_ij^T, with the products the coupling's terms reuse: B_i^T W_ij
     as BW (b, r, b, q) and B_i^T B_i as BB (b, r, r)."""
@@ -121,8 +122,8 @@ def fit_blast(W: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor
 
     Each step updates B, then C, then D, each by ``_gauss_newton`` with the other two held: the
     error is a quadratic in each factor alone, and its gradient is preconditioned by that factor's
-    damped Gram (the official code's algorithm and defaults: 300 steps, step size 2 falling linearly
-    to 0, damping 0.1 ||W - W_hat||_F). Two GEMMs of the whole W per step (W_i C_bar_i^T, B_i^T W_ij:
+    damped Gram: the official code's algorithm, at its decomposition script's settings (300 steps,
+    damping 0.1 ||W - W_hat||_F; its step 1 on ||.||^2, i.e. 2 here, falling linearly to 0). Two GEMMs of the whole W per step (W_i C_bar_i^T, B_i^T W_ij:
     2 in * out * r MACs); the errors come from the same products, never from W - W_hat itself.
     W is scaled to unit RMS, as the official code does, so that the damping means the same for any
     weight; zero rows of B and columns of C where W is padded stay zero.
