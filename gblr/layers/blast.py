@@ -46,21 +46,23 @@ def blast_macs(in_features: int, out_features: int, nblocks: int, rank: int) -> 
 
 
 def blast_nblocks(in_features: int, out_features: int, budget: float) -> int:
-    """The budget's block count: from budget 0.25 up, the largest power of two b whose coupling costs
-    at most a fifth of the factors' MACs (5 b^2 <= in + out: 4 for 64 x 64, 8 for 64 x 256, 16 for
-    ViT-B's 768 x 768 and 768 x 3072); below 0.25 at most 2. Halved while a block would be empty
-    (b > min(in, out)) or a rank-1 layer would exceed the budget.
+    """The budget's block count: the largest power of two b whose coupling costs at most a fifth of
+    the factors' MACs (5 b^2 <= in + out: 4 for 64 x 64, 8 for 64 x 256, 16 for ViT-B's layers) and
+    whose largest rank spends at least 90% of the budget, halved until both hold (1 when none does).
 
-    Measured (docs/method.md, "BLAST"): on the target layers of the two embedded dense starts
-    (64 x 64 and 64 x 256, trained), that b had the lowest error from budget 0.3 to 0.5 and b = 2
-    below 0.25, where larger b lose whole ranks to the coupling; on 768-wide random layers the same
-    b was best or within 1.3% of the best.
+    A block count whose rank rounds down far (64 x 64 at budget 0.1: 4 blocks buy rank 2, 70% of the
+    budget) loses more to the lost rank than it gains from the blocks. Measured (docs/method.md,
+    "BLAST"; scripts/bench_fit.py --blast-blocks): on the 26 target layers of the two embedded dense
+    starts and on ViT-B's 768 x 768 at budgets 0.05-0.5, this b had the lowest error or was within
+    1.2% of the block count that had.
     """
     nblocks = 1
-    while 5 * (2 * nblocks) ** 2 <= in_features + out_features and (budget >= 0.25 or nblocks < 2):
+    while 5 * (2 * nblocks) ** 2 <= in_features + out_features:
         nblocks *= 2
+    limit = budget * in_features * out_features
     while nblocks > 1 and (nblocks > min(in_features, out_features)
-                           or blast_macs(in_features, out_features, nblocks, 1) > budget * in_features * out_features):
+                           or blast_rank(in_features, out_features, budget, nblocks)
+                           * blast_macs(in_features, out_features, nblocks, 1) < 0.9 * limit):
         nblocks //= 2
     return nblocks
 
