@@ -72,9 +72,9 @@ def test_macs_are_exact_and_the_budget_is_met_with_the_largest_rank(shape):
 
 
 def test_the_block_count_rule():
-    # the largest power of two with 5 b^2 <= in + out whose largest rank spends >= 90% of the budget
+    # the largest power of two with 4 b^2 <= in + out whose largest rank spends >= 90% of the budget
     assert [blast_nblocks(768, 768, budget) for budget in (0.05, 0.3, 1.0)] == [16, 16, 16]
-    assert blast_nblocks(768, 3072, 0.3) == 16 and blast_nblocks(256, 64, 0.3) == 8 and blast_nblocks(8, 8, 0.5) == 1
+    assert blast_nblocks(768, 3072, 0.3) == 16 and blast_nblocks(64, 192, 0.3) == 8 and blast_nblocks(8, 8, 0.5) == 1
     # 64 x 64 at 0.1 (409.6 MACs): 4 blocks (144 MACs a rank) buy rank 2, 70%; 2 blocks (132) rank 3, 97%
     assert [blast_nblocks(64, 64, budget) for budget in (0.1, 0.3)] == [2, 4]
     assert blast_nblocks(64, 64, 0.03) == 1  # not even 2 blocks of rank 1 (132 MACs) within 0.03 * 4096
@@ -98,16 +98,17 @@ def test_bad_options_are_value_errors_naming_the_option(options, name):
         probe("blast", torch.randn(8, 16), budget=0.5, **options)
 
 
-@pytest.mark.parametrize("shape,nblocks,rank", [((64, 96), 4, 6), ((60, 90), 4, 5), ((48, 48), 3, 4)])
-def test_an_exact_blast_teacher_is_recovered(shape, nblocks, rank):
+@pytest.mark.parametrize("shape,nblocks,rank", [((64, 96), 4, 6), ((96, 64), 4, 6), ((60, 90), 3, 5)])
+def test_exact_blast_teachers_are_recovered(shape, nblocks, rank):
     out_features, in_features = shape
-    torch.manual_seed(1)
-    teacher = build("blast", in_features, out_features, bias=False, nblocks=nblocks, rank=rank).double()
-    W = teacher.to_dense()
-    assert W.shape == shape and svd_error(W, rank) > 0.1  # not a rank-r matrix: the SVD start is far
-    layer = from_dense("blast", W, budget=1.0, nblocks=nblocks, rank=rank)
-    assert layer.macs_per_token() == teacher.macs_per_token()
-    assert layer.projection_error < 1e-3
+    for seed in range(8):  # from the SVD start alone the fit stalls on about a third of these
+        torch.manual_seed(seed)
+        teacher = build("blast", in_features, out_features, bias=False, nblocks=nblocks, rank=rank).double()
+        W = teacher.to_dense()
+        assert svd_error(W, rank) > 0.1  # not a rank-r matrix: the SVD start is far
+        layer = from_dense("blast", W, budget=1.0, nblocks=nblocks, rank=rank)
+        assert layer.macs_per_token() == teacher.macs_per_token()
+        assert layer.projection_error < 1e-3, seed
 
 
 def structured(name: str) -> torch.Tensor:
