@@ -5,12 +5,12 @@
 #   language  gpt2_tiny on CPython's pydoc text (NOT WikiText-103)          configs/sweep/mini_language.yaml
 #
 # Arms, 5 fine-tune seeds each (budgets: digits 0.05, 0.1; pydoc 0.05, 0.1, 0.3):
-#   lowrank, monarch, gblr      the weight types (GBLR: learned structure, global budget)
+#   lowrank, monarch, gblr, blast   the weight types (GBLR: learned structure, global budget)
 #   gblr-frozen                 GBLR with its structure frozen where the conversion put it
 #   gblr-annealed               GBLR converted at 3x the budget, cut to it over the first epoch
 #   and at budgets 0.1 (digits) and 0.1, 0.3 (pydoc), the ablations:
 #   gblr-uniform                GBLR with every layer held to its own budget
-#   *-calibrated                lowrank, monarch, gblr projected with the data's input statistics
+#   *-calibrated                lowrank, monarch, gblr, blast projected with the data's input statistics
 #                               (16 batches of the training split: weight.calibration.batches)
 # Every job of a task fine-tunes from ONE dense start (start.seed=0, trained once and cached under
 # cache_dir), so the arms are compared in pairs (same start, same data order): the report gives each

@@ -75,7 +75,7 @@ def test_the_aware_gblr_fit_is_never_worse_than_the_aware_lowrank():
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
-def test_every_registered_kind_takes_a_gram(kind):
+def test_every_registered_kind_takes_a_gram(kind, one_thread):
     W, G = weight(), anisotropic_gram()
     layer = from_dense(kind, W, torch.zeros(SHAPE[0]), budget=0.5, gram=G)
     assert 0 <= layer.output_error <= 1

@@ -15,7 +15,7 @@ QUICK = ["start.epochs=3", "train.epochs=1", "train.batch_size=128"]
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
-def test_build_options_rebuild_the_shapes_of_every_weight_type(kind):
+def test_build_options_rebuild_the_shapes_of_every_weight_type(kind, one_thread):
     torch.manual_seed(0)
     layer = from_dense(kind, torch.randn(24, 40), torch.randn(24), 0.3)
     twin = build(kind, 40, 24, 1.0, True, **layer.build_options())

@@ -1,4 +1,4 @@
-"""The four weight types: budgets, exact forward, projections, dtypes, errors."""
+"""The weight types: budgets, exact forward, projections, dtypes, errors."""
 import pytest
 import torch
 
@@ -6,7 +6,7 @@ from gblr import layers
 from gblr.layers import LAYERS, build, from_dense, svd_split, to_inference
 from gblr.layers.monarch import monarch_macs
 
-KINDS = ["dense", "lowrank", "monarch", "gblr"]
+KINDS = ["dense", "lowrank", "monarch", "gblr", "blast"]
 SHAPES = [(64, 64), (64, 256), (256, 64), (96, 288)]  # (out, in)
 BUDGETS = [0.1, 0.25, 0.5, 0.9]
 
@@ -31,7 +31,7 @@ def assert_applies(layer, weight_in, bias):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_every_kind_meets_its_budget_and_applies_to_dense(kind, shape):
+def test_every_kind_meets_its_budget_and_applies_to_dense(kind, shape, one_thread):
     out_features, in_features = shape
     weight, bias = dense_weight(*shape), torch.randn(out_features)
     for budget in BUDGETS:
@@ -187,7 +187,7 @@ def test_gblr_inference_of_the_lowrank_init_runs_low_rank_gemms():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_layers_run_under_bf16_autocast_and_with_bf16_parameters(kind):
+def test_layers_run_under_bf16_autocast_and_with_bf16_parameters(kind, one_thread):
     weight = dense_weight(64, 96)
     layer = from_dense(kind, weight, torch.randn(64), budget=0.3)
     x = torch.randn(4, 10, 96)
@@ -211,7 +211,7 @@ def test_bad_budget_is_a_value_error_naming_value_and_range(budget):
 
 
 def test_bad_inputs_are_value_errors_that_say_what_is_allowed():
-    with pytest.raises(ValueError, match=r"unknown weight kind 'sparse'; choose one of \['dense', 'gblr', 'lowrank', 'monarch'\]"):
+    with pytest.raises(ValueError, match=r"unknown weight kind 'sparse'; choose one of \['blast', 'dense', 'gblr', 'lowrank', 'monarch'\]"):
         from_dense("sparse", torch.randn(8, 8))
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\) to match weight \(8, 4\), got \(4,\)"):
         from_dense("lowrank", torch.randn(8, 4), torch.randn(4), budget=0.5)
@@ -231,5 +231,5 @@ def test_bad_inputs_are_value_errors_that_say_what_is_allowed():
         to_inference(build("gblr", 8, 8), mode="fast")
 
 
-def test_registry_lists_the_four_kinds():
+def test_registry_lists_the_kinds():
     assert sorted(LAYERS) == sorted(KINDS)

@@ -158,7 +158,7 @@ def test_no_weight_type_is_named_outside_the_layers_and_its_own_checks():
     """What differs between weight types is the layer's (gblr.layers); the run machinery asks the layer."""
     for path in [*(PACKAGE / "run").glob("*.py")]:
         source = path.read_text().replace('getLogger("gblr")', "")
-        for kind in ('"gblr"', '"lowrank"', '"monarch"', "'gblr'", "'lowrank'", "'monarch'"):
+        for kind in ('"gblr"', '"lowrank"', '"monarch"', '"blast"', "'gblr'", "'lowrank'", "'monarch'", "'blast'"):
             assert kind not in source, f"{path.name} names the weight type {kind}"
 
 
@@ -169,7 +169,7 @@ COMBINATIONS = [("vit_tiny", "digits", tasks.ImageClassification), ("vit_tiny", 
                 ("gpt2", "pydoc", tasks.CausalLM), ("gpt2_tiny", "wikitext103", tasks.CausalLM)]
 
 
-@pytest.mark.parametrize("weight", ["dense", "lowrank", "monarch", "gblr"])
+@pytest.mark.parametrize("weight", ["dense", "lowrank", "monarch", "gblr", "blast"])
 @pytest.mark.parametrize("model,data,task_type", COMBINATIONS)
 def test_every_listed_combination_composes_into_its_task(model, data, task_type, weight):
     cfg = compose(f"model={model}", f"data={data}", f"weight={weight}")

@@ -71,7 +71,8 @@ def test_presets_compose_with_the_paper_settings():
     assert t.batch_size == 512 and t.batch_size % t.grad_accum == 0  # global batch 512 x 1024 tokens
     assert list(paper.model.targets) == ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"]
     # The paper's structure per weight type; the other types' keys resolve to null (not passed on).
-    expected = {"dense": {}, "lowrank": {"rank": 192}, "monarch": {"nblocks": 4}, "gblr": {"rank_ratio": 0.25, "rank": 1}}
+    expected = {"dense": {}, "lowrank": {"rank": 192}, "monarch": {"nblocks": 4}, "gblr": {"rank_ratio": 0.25, "rank": 1},
+                "blast": {"nblocks": 12, "rank": 184}}
     for kind, options in expected.items():
         given = OmegaConf.to_container(compose(PAPER, f"weight={kind}").weight.options, resolve=True)
         paper_keys = {k: v for k, v in given.items() if k in ("rank", "nblocks", "rank_ratio") and v is not None}

@@ -38,7 +38,7 @@ def test_every_weight_type_runs_end_to_end_on_the_embedded_digits(tmp_path, cach
         assert saved["flops"]["model"] < 1.0
 
 
-@pytest.mark.parametrize("weight", ["lowrank", "monarch", "gblr"])
+@pytest.mark.parametrize("weight", ["lowrank", "monarch", "gblr", "blast"])
 @pytest.mark.parametrize("budget", [0.12, 0.3, 0.55, 0.8])
 def test_reported_macs_never_exceed_the_budget(tmp_path, weight, budget):
     result = run(compose(f"out_dir={tmp_path}", f"weight={weight}", f"budget={budget}", "dry_run=true"))

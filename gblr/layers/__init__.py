@@ -7,9 +7,10 @@
     probe(kind, weight, budget, **options)                        from_dense made cheap: the same errors
     to_inference(gblr_layer, mode="auto")                         a trained GBLR layer, without W
 
-Kinds: dense, lowrank, monarch, gblr. A fifth is one file with a ``@register("name")`` class.
+Kinds: dense, lowrank, monarch, gblr, blast. Another is one file with a ``@register("name")`` class.
 """
 from .base import LAYERS, StructuredLinear, build, check_budget, from_dense, layer_class, probe, relative_error
+from .blast import BlastLinear, blast_macs, blast_nblocks, fit_blast, project_to_blast
 from .dense import DenseLinear
 from .gaudi import boxcar, dirichlet_mask, gaudi_mask, hard_locations, hard_widths
 from .components import component_macs
@@ -22,5 +23,6 @@ __all__ = [
     "LAYERS", "StructuredLinear", "build", "check_budget", "from_dense", "layer_class", "probe", "relative_error", "DenseLinear",
     "boxcar", "dirichlet_mask", "gaudi_mask", "hard_locations", "hard_widths", "GBLRLinear", "fit_gblr", "component_macs",
     "GBLRInference", "to_inference", "LowRankLinear", "lowrank_rank", "svd_split", "MonarchLinear",
-    "monarch_macs", "monarch_nblocks", "project_to_monarch",
+    "monarch_macs", "monarch_nblocks", "project_to_monarch", "BlastLinear", "blast_macs", "blast_nblocks", "fit_blast",
+    "project_to_blast",
 ]

@@ -110,6 +110,18 @@ class StructuredLinear(nn.Module):
                 f" ({self.macs_per_token() / self.dense_macs_per_token():.3f} of dense)")
 
 
+def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y (n, out) + bias (out,), for a ``y`` the caller has just made (it may be a transposed view).
+    Without autograd in place: no second (n, out) tensor. With it, out of place: in place on the view,
+    autograd's backward would copy the whole output twice."""
+    if bias is None:
+        return y
+    bias = bias.to(y.dtype)
+    if torch.is_grad_enabled() and (y.requires_grad or bias.requires_grad):
+        return y + bias
+    return y.add_(bias)
+
+
 def check_dense(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """ValueError unless ``weight`` is (out, in) and ``bias`` is None or (out,)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:

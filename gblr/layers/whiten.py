@@ -45,6 +45,16 @@ def gram_root(gram: torch.Tensor, damping: float = 1e-6) -> tuple[torch.Tensor, 
     return root, inverse
 
 
+def block_roots(gram: torch.Tensor, nblocks: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, R_inv), each (nblocks, size, size) float64: ``gram_root`` of each diagonal block of the
+    (in, in) ``gram`` after zero-padding its inputs to nblocks * size >= in. Padded inputs are always
+    0, so any root will do for them: the identity's."""
+    padded = torch.eye(nblocks * size, dtype=torch.float64, device=gram.device)
+    padded[: gram.shape[0], : gram.shape[0]] = gram.double()
+    roots = [gram_root(padded[i * size:(i + 1) * size, i * size:(i + 1) * size]) for i in range(nblocks)]
+    return torch.stack([r for r, _ in roots]), torch.stack([r_inv for _, r_inv in roots])
+
+
 def output_error(approx: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor | None) -> float:
     """Relative output error sqrt(tr(E G E^T) / tr(W G W^T)), E = approx - weight; with ``gram``
     None the relative Frobenius error (G = I)."""

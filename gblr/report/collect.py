@@ -11,7 +11,7 @@ pass) and ``paper`` (the Gaudi-GBLR paper's, None where it has none).
 import json
 from pathlib import Path
 
-WEIGHTS, MODES = ["dense", "lowrank", "monarch", "gblr"], ["-", "global", "uniform", "penalty"]
+WEIGHTS, MODES = ["dense", "lowrank", "monarch", "gblr", "blast"], ["-", "global", "uniform", "penalty"]
 METRICS = {"top1": "validation top-1 accuracy (%)", "ppl": "validation perplexity (lower is better)"}
 CONVENTIONS = {"replaced": "replaced layers", "model": "whole model", "paper": "paper convention"}
 # The files any of which marks a folder as a run's (finished, failed, interrupted or just started);

@@ -18,7 +18,7 @@ from gblr.report.collect import CONVENTIONS, METRICS, budget_mode, groups_of, la
 from gblr.report.stats import allocation
 from gblr.report.tables import show
 
-WEIGHT_NAMES = {"dense": "dense", "lowrank": "low-rank", "monarch": "Monarch", "gblr": "GBLR"}  # config name -> words
+WEIGHT_NAMES = {"dense": "dense", "lowrank": "low-rank", "monarch": "Monarch", "gblr": "GBLR", "blast": "BLAST"}  # config name -> words
 MARKERS = [("s", 7), ("^", 10), ("v", 8.5), ("o", 7), ("D", 5.5), ("P", 5)]  # shrinking, so coinciding points stay visible
 ONE_SEED = "1 seed, no error bars"
 UNIFORM = "uniform allocation (budget × dense MACs)"

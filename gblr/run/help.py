@@ -78,7 +78,7 @@ def page(config_dir: Path = CONFIG_DIR) -> str:
     """The help page for the configs in ``config_dir``."""
     lines = (config_dir / "config.yaml").read_text().splitlines()
     out = ["gblr: fine-tune a model whose linear layers are structured matrices (dense, low-rank, Monarch,",
-           "Gaudi-GBLR) under a FLOP budget, and report accuracy or perplexity against relative MACs.",
+           "Gaudi-GBLR, BLAST) under a FLOP budget, and report accuracy or perplexity against relative MACs.",
            "",
            "Usage: python run.py [GROUP=OPTION ...] [KEY=VALUE ...]",
            "       python run.py -m [GROUP=A,B ...] [KEY=1,2 ...]      (a sweep: one job per combination)",

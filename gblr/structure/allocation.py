@@ -80,6 +80,7 @@ def check_allocation(kind: str, allocation: str, options) -> None:
     if kind != "lowrank":
         why = {"gblr": "GBLR spreads its widths by weight.budget_mode",
                "monarch": "per-layer block counts are not implemented",
+               "blast": "per-layer block counts and ranks are not implemented",
                "dense": "dense layers have no budget"}.get(kind, "it allocates low-rank ranks")
         raise BadInput(f"weight.allocation must be uniform for weight={kind} ({why}), got 'global'; "
                        f"global is for weight=lowrank")
