@@ -23,8 +23,8 @@
 # The recipe is experiment gpt2_wikitext103_ft: AdamW lr 1.5e-3 (structure too), weight
 # decay 0.1, 1 warm-up epoch then linear decay, grad clip 1.0, 10 epochs, batch 512 x 1024 tokens.
 #
-# Environment: WIKITEXT, PRETRAINED, TOKENIZER, ACCUM, WEIGHTS (default dense,lowrank,monarch,gblr),
-# SEEDS (default 0), RUNS (default multirun/paper), OUT (default results/gpt2_wikitext103).
+# Environment: WIKITEXT, PRETRAINED, TOKENIZER, ACCUM, WEIGHTS (default dense,lowrank,monarch,gblr, the
+# paper's; add blast for BLAST at the same point), SEEDS (default 0), RUNS (default multirun/paper), OUT (default results/gpt2_wikitext103).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WIKITEXT=${WIKITEXT:-null}

@@ -25,8 +25,8 @@
 # type per GPU, e.g.  CUDA_VISIBLE_DEVICES=1 WEIGHTS=gblr scripts/reproduce_vit_imagenet.sh
 # A rerun skips finished jobs; an interrupted job resumes from its checkpoint with resume=true.
 #
-# Environment: DATA, PRETRAINED, ACCUM, WORKERS, WEIGHTS (default dense,lowrank,monarch,gblr; dense
-# runs once per seed, its budget ignored), BUDGETS (default 0.1818,0.2178,0.2538,0.2898), SEEDS (default 0), RUNS
+# Environment: DATA, PRETRAINED, ACCUM, WORKERS, WEIGHTS (default dense,lowrank,monarch,gblr, the paper's;
+# add blast for BLAST at the same points; dense runs once per seed, its budget ignored), BUDGETS (default 0.1818,0.2178,0.2538,0.2898), SEEDS (default 0), RUNS
 # (default multirun/paper), OUT (default results/vit_imagenet).
 set -euo pipefail
 cd "$(dirname "$0")/.."

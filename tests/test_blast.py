@@ -3,7 +3,7 @@ factorization (an exact teacher recovered, never worse than the truncated SVD at
 import pytest
 import torch
 
-from gblr.layers import blast_macs, build, from_dense, probe
+from gblr.layers import blast_macs, build, fit_blast, from_dense, probe
 from gblr.layers.blast import BlastLinear, blast_nblocks
 from gblr.layers.whiten import output_error
 
@@ -188,3 +188,13 @@ def test_the_gpt2_preset_is_the_largest_rank_within_the_papers_point():
     dense = sum(i * o for i, o in shapes)
     assert sum(blast_macs(i, o, nblocks, rank) for i, o in shapes) <= cfg.budget * dense
     assert sum(blast_macs(i, o, nblocks, rank + 1) for i, o in shapes) > cfg.budget * dense
+
+
+def test_the_fit_runs_on_two_threads_at_ranks_where_batched_lu_hangs():
+    # torch.linalg.solve's batched LU hangs on 2+ threads for r > ~150 here (pytorch#142815)
+    torch.set_num_threads(2)  # the autouse fixture restores the count
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(304, 304, generator=g)
+    B, C, D = torch.randn(2, 152, 152, generator=g), torch.randn(2, 152, 152, generator=g), torch.ones(2, 2, 152)
+    B, C, D = fit_blast(W, B, C, D, steps=1)
+    assert all(bool(torch.isfinite(factor).all()) for factor in (B, C, D))

@@ -92,12 +92,13 @@ def _gauss_newton(X: torch.Tensor, M: torch.Tensor, P: torch.Tensor, eta: float,
     """
     PX = P @ X
     error = (norm2 - 2 * (X * M).sum() + (X * PX).sum()).clamp_min(0).sqrt()
-    # Damped in place (P is a temporary, (b, b, r, r) for D); the floor keeps a rank-deficient Gram
-    # solvable at zero error.
+    # Damped in place (P is a temporary, (b, b, r, r) for D); the floor, sqrt(eps) of the mean
+    # eigenvalue, keeps a rank-deficient Gram positive-definite in rounding at zero error. Cholesky,
+    # not LU: batched LU on more than one thread hangs for r > ~150 in this torch (pytorch#142815).
     diagonal = P.diagonal(dim1=-2, dim2=-1)
-    floor = torch.finfo(P.dtype).eps * diagonal.mean(-1, keepdim=True).clamp_min(torch.finfo(P.dtype).tiny)
-    diagonal.add_(DAMPING * error + floor)
-    return error, X + eta * torch.linalg.solve(P, M - PX)
+    finfo = torch.finfo(P.dtype)
+    diagonal.add_(DAMPING * error + finfo.eps**0.5 * diagonal.mean(-1, keepdim=True).clamp_min(finfo.tiny))
+    return error, X + eta * torch.cholesky_solve(M - PX, torch.linalg.cholesky(P))
 
 
 def _left_terms(rows: torch.Tensor, C: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
