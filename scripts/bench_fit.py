@@ -19,6 +19,8 @@ four exactly at that budget (their ranks exceed 8, the budget's low-rank rank).
 Methods, each at <= budget * 64 * 64 MACs:
     svd          truncated SVD at the budget's rank (Eckart-Young optimal low-rank)
     monarch      closed-form Monarch projection at the budget's block count
+    blast        from_dense("blast"): the truncated SVD, then the BLAST paper's preconditioned gradient
+                 descent at the budget's blocks and rank (never worse than the SVD at its MACs)
     gblr_lowrank from_dense("gblr", init="lowrank"): the top SVD components at full width
     paper_fit    the paper's recipe through fit_gblr: full widths at random locations, no edges, no
                  sigma annealing, structure steps of 20 elements (20 / min(in, out) normalized),
@@ -27,15 +29,22 @@ Methods, each at <= budget * 64 * 64 MACs:
 Columns: relative Frobenius error ||W_hat - W||_F / ||W||_F and MACs used. Writes JSON (--out).
 
     python scripts/bench_fit.py --vit-b         # time GBLR's fit of all 60 ViT-B/16 target layers
+    python scripts/bench_fit.py --vit-b --kind blast --blocks 1   # BLAST's, one block (5 layers)
     python scripts/bench_fit.py --real          # output error, plain vs activation-aware, real layers
+    python scripts/bench_fit.py --blast-blocks  # BLAST's error at each block count (~4 min, one core)
 
---vit-b: the fit (``from_dense("gblr", init="fit")``, --fit-steps, --budgets' first) of q, k, v
-(768x768), fc1 (3072x768) and fc2 (768x3072) of every block of a randomly initialized timm
-vit_base_patch16_224 (--blocks to time fewer): seconds per layer and its relative error.
+--vit-b: the fit (``from_dense("gblr", init="fit")``, or with --kind blast ``from_dense("blast")``;
+--fit-steps, --budgets' first) of q, k, v (768x768), fc1 (3072x768) and fc2 (768x3072) of every block
+of a randomly initialized timm vit_base_patch16_224 (--blocks to time fewer): seconds per layer, its
+relative error and the truncated SVD's at the budget.
 --real: the dense starts of the embedded tasks (gpt2_tiny on the pydoc text, vit_tiny on digits; trained
 and cached by ``python run.py``), their target layers' inputs on validation data: the Gram of the first
 half of the sequences (images) calibrates, the relative output error is measured on the other half.
 Per weight type and budget, plain (gram=None) vs aware (gram=calibration Gram).
+--blast-blocks: BLAST's relative error at 1, 2, 4, 8, 16 blocks (the rank the budget's largest) over the
+truncated SVD's at the budget, on --real's layers and on q of a random-init ViT-B/16 block
+(--budgets, default 0.05,0.1,0.2,0.3,0.4,0.5), and the block count the budget's rule picks
+(``blast_nblocks``): the measurement behind that rule.
 """
 import argparse
 import json
@@ -45,7 +54,7 @@ import time
 import torch
 
 from gblr.layers import fit_gblr
-from gblr.layers import from_dense, relative_error
+from gblr.layers import blast_macs, blast_nblocks, from_dense, relative_error
 from gblr.layers.whiten import output_error
 
 N = 64
@@ -106,6 +115,8 @@ def run_method(method: str, W: torch.Tensor, budget: float, options: dict):
         layer = from_dense("lowrank", W, budget=budget)
     elif method == "monarch":
         layer = from_dense("monarch", W, budget=budget)
+    elif method == "blast":
+        layer = from_dense("blast", W, budget=budget)
     elif method == "gblr_lowrank":
         layer = from_dense("gblr", W, budget=budget, init="lowrank")
     elif method == "paper_fit":
@@ -135,19 +146,23 @@ def vit_b_layers(blocks: int):
 def bench_vit_b(args, budget: float, options: dict) -> dict:
     rows = []
     for name, W in vit_b_layers(args.blocks):
-        t0 = time.perf_counter()
-        steps = {} if args.fit_steps is None else {"fit_steps": args.fit_steps}
-        layer = from_dense("gblr", W, budget=budget, init="fit", **steps, **options)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        steps = {} if args.fit_steps is None else {"fit_steps" if args.kind == "gblr" else "steps": args.fit_steps}
+        fit = {"init": "fit"} if args.kind == "gblr" else {}
+        layer = from_dense(args.kind, W, budget=budget, **fit, **steps, **options)
         rows.append({"layer": name, "shape": list(W.shape), "seconds": round(time.perf_counter() - t0, 2),
+                     "cpu_seconds": round(time.thread_time() - c0, 2),  # this thread's: steadier on shared cores
                      "error": layer.projection_error, "macs": layer.macs_per_token(),
-                     "lowrank_error": from_dense("gblr", W, budget=budget).projection_error})
-        print(f"{name:<20} {str(tuple(W.shape)):<12} {rows[-1]['seconds']:7.2f} s  error {rows[-1]['error']:.4f} "
-              f"(low-rank {rows[-1]['lowrank_error']:.4f})", flush=True)
+                     "lowrank_error": from_dense("lowrank", W, budget=budget).projection_error})
+        print(f"{name:<20} {str(tuple(W.shape)):<12} {rows[-1]['seconds']:7.2f} s ({rows[-1]['cpu_seconds']:.2f} s CPU)  "
+              f"error {rows[-1]['error']:.4f} (low-rank {rows[-1]['lowrank_error']:.4f})", flush=True)
     for shape in sorted({tuple(r["shape"]) for r in rows}):
-        times = [r["seconds"] for r in rows if tuple(r["shape"]) == shape]
-        print(f"{str(shape):<12} {len(times):3d} layers  {sum(times) / len(times):7.2f} s per layer")
-    print(f"all {len(rows)} layers: {sum(r['seconds'] for r in rows):.1f} s")
-    return {"budget": budget, "fit_steps": args.fit_steps, "threads": args.threads, "options": options, "rows": rows}
+        same = [r for r in rows if tuple(r["shape"]) == shape]
+        print(f"{str(shape):<12} {len(same):3d} layers  {sum(r['seconds'] for r in same) / len(same):7.2f} s per layer "
+              f"({sum(r['cpu_seconds'] for r in same) / len(same):.2f} s CPU)")
+    print(f"all {len(rows)} layers: {sum(r['seconds'] for r in rows):.1f} s ({sum(r['cpu_seconds'] for r in rows):.1f} s CPU)")
+    return {"kind": args.kind, "budget": budget, "fit_steps": args.fit_steps, "threads": args.threads,
+            "options": options, "rows": rows}
 
 
 REAL_SOURCES = [("gpt2_tiny", "pydoc", ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")),
@@ -159,14 +174,15 @@ def real_layers(model_name: str, data: str, suffixes) -> list:
     layers (timm's fused qkv split into q, k, v, which share their input)."""
     from gblr.system.config import compose
     from gblr.run.runner import dense_start
+    from gblr.system.signals import StopRequest
     from gblr.tasks import build_task
 
     cfg = compose(f"model={model_name}", f"data={data}")
     task = build_task(cfg, torch.device("cpu"))
     task.load_data()
     model, _ = task.build_model(allow_random_fallback=False)
-    if dense_start(cfg, task, model, torch.device("cpu")) is None:
-        raise RuntimeError(f"no dense start for {model_name} on {data}")
+    with StopRequest() as stop:  # trained and cached when missing, as ``python run.py`` would
+        dense_start(cfg, task, model, torch.device("cpu"), stop)
     model.eval()
     if hasattr(task, "val_tokens"):
         block = cfg.data.block_size
@@ -198,7 +214,7 @@ def real_layers(model_name: str, data: str, suffixes) -> list:
     return layers
 
 
-REAL_METHODS = {"lowrank": ("lowrank", {}), "monarch": ("monarch", {}), "gblr_lowrank": ("gblr", {}),
+REAL_METHODS = {"lowrank": ("lowrank", {}), "monarch": ("monarch", {}), "blast": ("blast", {}), "gblr_lowrank": ("gblr", {}),
                 "gblr_fit": ("gblr", {"init": "fit"})}
 
 
@@ -231,24 +247,61 @@ def bench_real(args, budgets) -> dict:
     return {"fit_steps": args.fit_steps, "rows": rows}
 
 
+BLAST_BLOCKS = (1, 2, 4, 8, 16)
+
+
+def bench_blast_blocks(budgets) -> dict:
+    """{"rows": per layer and budget, BLAST's error over the SVD's at each block count}; prints the
+    mean per shape (out x in) of the real layers, and the ViT-B layer's own."""
+    layers = [(name, W) for source in REAL_SOURCES for name, W, _, _ in real_layers(*source)]
+    layers += [(name, W) for name, W in vit_b_layers(1) if name.endswith(".q")]
+    rows = []
+    for name, W in layers:
+        group = name if name.startswith("blocks.0.") else "x".join(map(str, W.shape))
+        for budget in budgets:
+            svd = from_dense("lowrank", W, budget=budget).projection_error
+            row = {"layer": name, "group": group, "shape": list(W.shape), "budget": budget,
+                   "rule": blast_nblocks(W.shape[1], W.shape[0], budget)}
+            for b in BLAST_BLOCKS:
+                if blast_macs(W.shape[1], W.shape[0], b, 1) <= budget * W.numel():
+                    row[b] = from_dense("blast", W, budget=budget, nblocks=b).projection_error / svd
+            rows.append(row)
+        print(f"{name:<28} done", flush=True)
+    print("\nmean BLAST error / truncated SVD error at the budget, per block count (* the rule's)")
+    for group in dict.fromkeys(r["group"] for r in rows):
+        for budget in budgets:
+            sel = [r for r in rows if r["group"] == group and r["budget"] == budget]
+            rule = sel[0]["rule"]  # one shape per group: one rule
+            cells = [f"{b}{'*' if b == rule else ''}={sum(r[b] for r in sel) / len(sel):.3f}"
+                     for b in BLAST_BLOCKS if all(b in r for r in sel)]
+            print(f"{group:<22} {budget:4.2f} {len(sel):3d} layers  " + "  ".join(cells))
+    return {"blocks": BLAST_BLOCKS, "rows": rows}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--budgets", default=None, help="comma-separated (default 0.25,0.5; --quick 0.25)")
     parser.add_argument("--teachers", default=None, help=f"comma-separated subset of {','.join(TEACHERS)}")
-    parser.add_argument("--methods", default="svd,monarch,gblr_lowrank,paper_fit,fit")
+    parser.add_argument("--methods", default="svd,monarch,blast,gblr_lowrank,paper_fit,fit")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=JSON options for fit_gblr; adds a method NAME (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="JSON path (default results/bench_fit[_vit_b|_real].json)")
     parser.add_argument("--vit-b", action="store_true", help="time the fit of every ViT-B/16 target layer")
     parser.add_argument("--real", action="store_true", help="plain vs activation-aware output error, real layers")
+    parser.add_argument("--blast-blocks", action="store_true", help="BLAST's error at each block count")
     parser.add_argument("--blocks", type=int, default=12, help="--vit-b: the first N of ViT-B's 12 blocks")
+    parser.add_argument("--kind", choices=("gblr", "blast"), default="gblr", help="--vit-b: whose fit to time")
     parser.add_argument("--fit-steps", type=int, default=None, help="--vit-b, --real: the fit's steps (default: its own)")
-    parser.add_argument("--fit-options", default="{}", help="--vit-b: JSON options for fit_gblr, e.g. "
+    parser.add_argument("--fit-options", default="{}", help="--vit-b: JSON options for from_dense, e.g. "
                         '\'{"patience": null}\'')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.blast_blocks:
+        budgets = [float(b) for b in (args.budgets or "0.05,0.1,0.2,0.3,0.4,0.5").split(",")]
+        write_json(args.out or "results/bench_fit_blast_blocks.json", bench_blast_blocks(budgets))
+        return
     if args.vit_b or args.real:
         if args.vit_b:
             budget = float((args.budgets or "0.25").split(",")[0])

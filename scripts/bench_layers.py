@@ -1,4 +1,4 @@
-"""Wall-clock benchmark of the four weight types at ViT-B / GPT-2 layer shapes.
+"""Wall-clock benchmark of the weight types at ViT-B / GPT-2 layer shapes.
 
     python scripts/bench_layers.py --quick                  # smoke run, under a minute on 2 CPU cores
     python scripts/bench_layers.py                          # full default run, ~10-15 min on 2 CPU cores
@@ -9,6 +9,8 @@ For every shape (written out x in), budget (target MACs / dense MACs) and token 
 process, a layer on a (tokens, in) input:
     dense                 the reference every ratio is taken against
     lowrank, monarch      from_dense at the budget
+    blast                 from_dense(steps=0) at the budget: its structure (blocks, rank), unfitted (the fit
+                          changes the factors' values, not their shapes or the forward's work)
     gblr-init             from_dense(init="lowrank"), the budget's top singular components at full width
                           (GBLR "as initialized")
     gblr-random           build("gblr", ...): every component at the same width, random locations
@@ -29,10 +31,10 @@ cores are shared with other work.
 with --threads 1 all the work runs on that thread, and time other processes take from a shared core
 is not counted (page faults and cache misses still are).
 
-Prints the full table, then the summary table (rows shape@budget; columns low-rank, Monarch, GBLR
-random layout, GBLR as initialized; value = forward time relative to dense / MAC ratio, 1.0 = as fast
-as the MACs promise), and the CPU targets at 4096 tokens (reported, never enforced): low-rank and
-Monarch <= 1.3, GBLR inference <= 1.5, GBLR training step <= 1.2x dense.
+Prints the full table, then the summary table (rows shape@budget; columns low-rank, Monarch, BLAST,
+GBLR random layout, GBLR as initialized; value = forward time relative to dense / MAC ratio, 1.0 = as
+fast as the MACs promise), and the CPU targets at 4096 tokens (reported, never enforced): low-rank,
+Monarch and BLAST <= 1.3, GBLR inference <= 1.5, GBLR training step <= 1.2x dense.
 Writes JSON (default results/bench_layers_<device>.json) atomically.
 """
 import argparse
@@ -52,7 +54,7 @@ from gblr.layers import build, from_dense, to_inference
 
 FULL = dict(shapes="768x768,768x3072,3072x768", tokens="197,4096,25216", budgets="0.25,0.5", repeats=5)
 QUICK = dict(shapes="768x768", tokens="197,1024", budgets="0.25", repeats=2)
-TARGETS = {"lowrank": 1.3, "monarch": 1.3, "infer": 1.5, "train": 1.2}
+TARGETS = {"lowrank": 1.3, "monarch": 1.3, "blast": 1.3, "infer": 1.5, "train": 1.2}
 
 
 def dense_weight(out_features: int, in_features: int) -> torch.Tensor:
@@ -77,9 +79,9 @@ def make_layers(out_features, in_features, budgets, kinds, device, scattered=Fal
     weight, bias = dense_weight(out_features, in_features), torch.randn(out_features) * 0.01
     layers = {("dense", 1.0): from_dense("dense", weight, bias)}
     for budget in budgets:
-        for kind in ("lowrank", "monarch"):
+        for kind, options in (("lowrank", {}), ("monarch", {}), ("blast", {"steps": 0})):
             if kind in kinds:
-                layers[(kind, budget)] = from_dense(kind, weight, bias, budget)
+                layers[(kind, budget)] = from_dense(kind, weight, bias, budget, **options)
         if "gblr" in kinds:
             layers[("gblr-init", budget)] = from_dense("gblr", weight, bias, budget, init="lowrank")
             layers[("gblr-random", budget)] = build("gblr", in_features, out_features, budget, seed=len(layers))
@@ -171,7 +173,7 @@ def run(args) -> dict:
                         block.append(dict(shape=shape, tokens=tokens, variant=f"{variant} infer", kind=variant,
                                           form="infer", budget=budget, error=repr(error)))
                 for form, module in forms:
-                    name = variant if variant in ("dense", "lowrank", "monarch") else f"{variant} {form}"
+                    name = variant if variant in ("dense", "lowrank", "monarch", "blast") else f"{variant} {form}"
                     row = dict(shape=shape, tokens=tokens, variant=name, kind=variant, form=form, budget=budget,
                                repeats=repeats, mac_ratio=module.macs_per_token() / module.dense_macs_per_token())
                     if form == "infer":
@@ -208,7 +210,7 @@ def targets(rows: list[dict], device) -> list[dict]:
     for row in rows:
         if row["tokens"] != 4096 or "error" in row or row.get("kind") == "dense":
             continue
-        if row["kind"] in ("lowrank", "monarch"):
+        if row["kind"] in ("lowrank", "monarch", "blast"):
             what, value, limit = "fwd ratio / MAC ratio", row["fwd_over_mac"], TARGETS[row["kind"]]
         elif row["form"] == "infer":
             what, value, limit = "fwd ratio / MAC ratio", row["fwd_over_mac"], TARGETS["infer"]
@@ -261,7 +263,7 @@ def print_table(result: dict) -> None:
         print(f"{sum(t['passed'] for t in result['targets'])}/{len(result['targets'])} targets hold")
 
 
-SUMMARY = [("low-rank", "lowrank", "train"), ("Monarch", "monarch", "train"),
+SUMMARY = [("low-rank", "lowrank", "train"), ("Monarch", "monarch", "train"), ("BLAST", "blast", "train"),
            ("GBLR, random layout", "gblr-random", "infer"), ("GBLR, as initialized", "gblr-init", "infer")]
 
 
@@ -302,7 +304,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--shapes", help=f"comma-separated OUTxIN (default {FULL['shapes']})")
     parser.add_argument("--tokens", help=f"comma-separated token counts (default {FULL['tokens']})")
     parser.add_argument("--budgets", help=f"comma-separated budgets in (0, 1] (default {FULL['budgets']})")
-    parser.add_argument("--kinds", default="dense,lowrank,monarch,gblr", help="dense is always timed (reference)")
+    parser.add_argument("--kinds", default="dense,lowrank,monarch,blast,gblr", help="dense is always timed (reference)")
     parser.add_argument("--repeats", type=int, help="median of N after a warm-up; scaled by 4096/tokens above 4096 "
                                                     f"tokens (default {FULL['repeats']})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

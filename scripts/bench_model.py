@@ -1,4 +1,4 @@
-"""Whole-model forward speed of the four weight types: ViT-B/16 and GPT-2 small, against dense.
+"""Whole-model forward speed of the weight types: ViT-B/16 and GPT-2 small, against dense.
 
     python scripts/bench_model.py --quick                      # smoke run: tiny models, about a minute
     python scripts/bench_model.py                              # ViT-B/16 + GPT-2 small on CPU, ~10 min on 2 cores
@@ -11,6 +11,8 @@ converted with ``replace_layers`` and timed against the unconverted model:
     dense         the model as built (nn.Linear / Conv1D, the reference)
     lowrank       truncated-SVD factors at the budget's rank
     monarch       the fewest blocks within the budget
+    blast         the budget's blocks and rank, unfitted (from_dense steps=0: the fit changes the
+                  factors' values, not the forward's work; fitting ViT-B takes minutes on CPU)
     gblr          from_dense(init="lowrank") (the budget's top components at full width), then every
                   GBLR layer through ``to_inference(mode="auto")`` on the batch's token count (layers
                   of the same shape and structure reuse the first one's choice)
@@ -44,8 +46,9 @@ from gblr.tasks.language import build_gpt2
 from gblr.tasks.vision import build_timm
 from gblr.structure.surgery import replace_layers, structured_layers
 
-KINDS = ("lowrank", "monarch", "gblr", "gblr-random")
-DEFAULT_KINDS = "lowrank,monarch,gblr"  # gblr-random: auto times every layer apart, minutes more on CPU
+KINDS = ("lowrank", "monarch", "blast", "gblr", "gblr-random")
+DEFAULT_KINDS = "lowrank,monarch,blast,gblr"  # gblr-random: auto times every layer apart, minutes more on CPU
+OPTIONS = {"blast": {"steps": 0}}  # conversion options of a kind (speed does not depend on the values)
 TARGET = dict(model="vit", budget=0.3, limit=0.6)  # ViT-B/16 at budget 0.3 in <= 0.6x dense time (CPU)
 FULL = dict(models="vit,gpt2", budgets="0.3,0.5", repeats=5, vit="vit_base", gpt2="gpt2",
             vit_batch=8, gpt2_batch=4, gpt2_tokens=512)
@@ -85,7 +88,8 @@ def convert(model, kind: str, budget: float, tokens: int, seed: int, dtype) -> d
     GBLR layers go through to_inference (which picks its mode by timing on this device and dtype).
     Returns notes: the inference modes chosen and the MACs the GEMMs execute (GBLR)."""
     with one_thread():  # the SVDs: with more threads than free cores, OpenMP waits can make them 100x slower
-        replaced = replace_layers(model, None, "gblr" if kind.startswith("gblr") else kind, budget)
+        replaced = replace_layers(model, None, "gblr" if kind.startswith("gblr") else kind, budget,
+                                  **OPTIONS.get(kind, {}))
     model.to(dtype)
     if not kind.startswith("gblr"):
         return {}
