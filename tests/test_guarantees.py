@@ -241,8 +241,8 @@ def test_exit_codes_bad_input_stopped_and_a_sweep_with_failed_jobs(tmp_path, cac
     assert not (tmp_path / "halted" / "lowrank-b0.3-s1").exists()
 
 
-HYDRA_BAD = [("weight=nonexistent", "error: weight=nonexistent: no such option of weight; options: dense, gblr, lowrank, "
-                                    "monarch"),
+HYDRA_BAD = [("weight=nonexistent", "error: weight=nonexistent: no such option of weight; options: "
+                                    + ", ".join(sorted(p.stem for p in (ROOT / "configs" / "weight").glob("*.yaml")))),
              ("budget=[", "error: cannot parse the override 'budget=[' (no viable alternative at input '['); see "
                           "python run.py --help"),
              ("out_dir=LONG", "error: the run folder {long} ({n} characters, a name of 300) is too long for the file "
